@@ -1,0 +1,480 @@
+"""What every method file shares and that is not the method itself.
+
+Target images, CDC's anchors and patch-discriminator head, the StyleGAN2 losses and regularisers
+(logistic D loss, non-saturating G loss, lazy R1, path length), Adam with lazy-regularisation scaling,
+parameter EMA, seeding and RNG state, the shared command line, the run folder (samples, checkpoints,
+log.csv), atomic checkpoints with resume, and one-line user errors.
+"""
+
+import argparse
+import csv
+import io
+import math
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stylegan2 import CheckpointError, ConvLayer
+
+# parameter EMA of the generator: 0.5 ** (32 / 10000), a half-life of 10k images at batch 32 (rosinality, CDC)
+EMA_DECAY = 0.5 ** (32 / 10000)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class UserError(Exception):
+    """Bad input from the user; main() prints the message as one line and exits non-zero."""
+
+
+def run_main(main, argv=None):
+    """Run main(argv), turning user errors into `error: <message>` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except (UserError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Device, seeding, RNG state
+
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    """Seed Python's random (style-mixing inject index), NumPy and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """All RNG states, in a form torch.load(weights_only=True) reads back."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), np_state[2], np_state[3], np_state[4]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ------------------------------------------------------------------------------------------------
+# Target images
+
+
+def list_images(path):
+    """Sorted image files of a folder (or the file itself); one-line UserError when there are none."""
+    if not os.path.exists(path):
+        raise UserError(f"target not found: {path}")
+    if os.path.isfile(path):
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            raise UserError(f"target {path} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        return [path]
+    files = sorted(
+        os.path.join(path, name)
+        for name in os.listdir(path)
+        if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name))
+    )
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in target folder {path}")
+    return files
+
+
+def load_image(path, size, allow_upscale=False, jpeg_roundtrip=False):
+    """One image as uint8 [3, size, size]: RGB (alpha composited on white, greyscale expanded), shorter side
+    resized to `size` with LANCZOS, centre-cropped. jpeg_roundtrip re-encodes as JPEG quality 100 first, as
+    the official LMDB preparation does."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image.alpha_composite(rgba)
+            image = image.convert("RGB")
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read image {path}: {reason}") from None
+    if min(image.size) < size and not allow_upscale:
+        raise UserError(
+            f"image {path} is {image.size[0]}x{image.size[1]} px, smaller than the generator's {size} px "
+            "(use images at least that large, or a checkpoint of matching resolution)"
+        )
+    image = TF.resize(image, size, interpolation=InterpolationMode.LANCZOS)
+    image = TF.center_crop(image, size)
+    if jpeg_roundtrip:
+        buffer = io.BytesIO()
+        image.save(buffer, format="jpeg", quality=100)
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [3, H, W]
+
+
+class ImageFolder:
+    """The few-shot target set, decoded once and held in memory as uint8 [N, 3, size, size]."""
+
+    def __init__(self, path, size, allow_upscale=False, jpeg_roundtrip=False):
+        self.files = list_images(path)
+        self.size = size
+        self.images = torch.stack([load_image(f, size, allow_upscale, jpeg_roundtrip) for f in self.files])
+
+    def __len__(self):
+        return len(self.files)
+
+    def as_float(self, index=None):
+        """Images in [-1, 1], float32 [N, 3, H, W] (all, or those at `index`)."""
+        images = self.images if index is None else self.images[index]
+        return images.float() / 127.5 - 1
+
+    def batches(self, batch, device):
+        """Endless float batches [B, 3, H, W] in [-1, 1] with random horizontal flips.
+
+        Like the official DataLoader(RandomSampler, drop_last=True): each epoch is a random permutation cut
+        into full batches, the remainder dropped (10 images, batch 4: 8 images per epoch). With fewer
+        images than `batch`, permutations are chained so every batch is full.
+        """
+        n = len(self)
+        while True:
+            if n >= batch:
+                order = torch.randperm(n)
+                chunks = [order[k : k + batch] for k in range(0, n - batch + 1, batch)]
+            else:
+                order = torch.cat([torch.randperm(n) for _ in range(math.ceil(batch / n))])
+                chunks = [order[:batch]]
+            for index in chunks:
+                images = self.as_float(index)  # [B, 3, H, W]
+                flip = torch.rand(len(index)) < 0.5  # [B]
+                images = torch.where(flip[:, None, None, None], images.flip(3), images)
+                yield images.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Latents: style mixing and CDC's anchors
+
+
+def mixing_noise(batch, latent_dim, prob, device):
+    """rosinality's mixing_noise: two z (style mixing) with probability `prob`, else one."""
+    if prob > 0 and random.random() < prob:
+        return list(torch.randn(2, batch, latent_dim, device=device).unbind(0))
+    return [torch.randn(batch, latent_dim, device=device)]
+
+
+def make_anchors(n_anchors, latent_dim, device):
+    """One fixed z per training image (CDC's init_z), drawn once per run and saved with it."""
+    return torch.randn(n_anchors, latent_dim, device=device)  # [K, D]
+
+
+def sample_anchor_z(anchors, batch, sigma):
+    """z = anchors[k] + sigma * eps, k uniform with replacement, eps ~ N(0, I) (CDC's get_subspace)."""
+    index = torch.randint(0, anchors.shape[0], (batch,), device=anchors.device)  # [B]
+    return anchors[index] + sigma * torch.randn(batch, anchors.shape[1], device=anchors.device)  # [B, D]
+
+
+def is_anchor_iteration(i, freq):
+    """CDC's schedule: iteration i samples from the anchor regions (image-level D) iff i % freq == 0."""
+    return freq > 0 and i % freq == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# CDC's patch discriminator head
+
+
+def patch_map_indices(discriminator):
+    """Indices into Discriminator.feature_maps of CDC's patch-level maps, in CDC's order.
+
+    CDC takes the conv1/conv2 outputs of the ResBlocks that are 32x32 or 16x16 with the 32-px width
+    (512 channels in rosinality's configuration); at 256 px: convs[3].conv2 (32x32), convs[4].conv1
+    (32x32), convs[4].conv2 (16x16), convs[5].conv1 (16x16). The FromRGB map is never one of them.
+    """
+    width = discriminator.channels[32]
+    shapes = discriminator.feature_map_shapes()
+    return [
+        k
+        for k, (channels, res) in enumerate(shapes[:-1])
+        if k > 0 and res in (32, 16) and channels == width
+    ]
+
+
+class PatchHead(nn.Module):
+    """CDC's patch-level discriminator head (`Extra` in the official code), randomly initialised.
+
+    `new_conv[k]` is ConvLayer(C, 1, 3): an equalised 3x3 conv then a biased leaky ReLU with gain sqrt(2),
+    applied to the k-th patch map, giving one realism logit per patch [B, 1, h, w]. State-dict names
+    `new_conv.{k}.0.weight`, `new_conv.{k}.1.bias`, as in the official code.
+    """
+
+    def __init__(self, channels=512, n_heads=4):
+        super().__init__()
+        self.new_conv = nn.ModuleList([ConvLayer(channels, 1, 3) for _ in range(n_heads)])
+
+    def forward(self, feature, index):
+        return self.new_conv[index](feature)  # [B, 1, h, w]
+
+
+def make_patch_head(discriminator):
+    """A PatchHead with one head per CDC patch map of this discriminator."""
+    return PatchHead(discriminator.channels[32], len(patch_map_indices(discriminator)))
+
+
+def patch_logits(discriminator, head, images, level, map_indices):
+    """Patch logits [B, 1, h, w] from patch map `level`; the D blocks after that map are not run."""
+    feature = discriminator.feature_maps(images, stop_after=map_indices[level])[-1]  # [B, C, h, w]
+    return head(feature, level)
+
+
+# ------------------------------------------------------------------------------------------------
+# GAN losses and regularisers (StyleGAN2, as in rosinality's train.py)
+
+
+def d_logistic_loss(real_pred, fake_pred):
+    # L_D = E[softplus(-D(x))] + E[softplus(D(G(z)))], means over batch and patch positions
+    return F.softplus(-real_pred).mean() + F.softplus(fake_pred).mean()
+
+
+def g_nonsaturating_loss(fake_pred):
+    # L_G = E[softplus(-D(G(z)))] = -E[log sigmoid(D(G(z)))]
+    return F.softplus(-fake_pred).mean()
+
+
+def d_r1_loss(real_pred, real_img):
+    """R1 = E_x ||grad_x sum D(x)||^2 (the caller multiplies by gamma / 2 and the lazy interval)."""
+    (grad_real,) = torch.autograd.grad(real_pred.sum(), real_img, create_graph=True)  # [B, 3, H, W]
+    # ||grad||^2 per sample, mean over the batch
+    return grad_real.pow(2).flatten(1).sum(1).mean()
+
+
+def g_path_regularize(fake_img, latents, mean_path_length, decay=0.01, noise=None):
+    """Path-length penalty: returns (penalty, updated mean path length (detached), path lengths [B]).
+
+    noise: the random image-space direction y [B, 3, H, W] / sqrt(H W); drawn here when None.
+    """
+    if noise is None:
+        noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
+    # J_w^T y, with y ~ N(0, I) / sqrt(H W)
+    (grad,) = torch.autograd.grad((fake_img * noise).sum(), latents, create_graph=True)  # [B, n_latent, D]
+    # ||J_w^T y|| per sample, root of the mean over the W+ rows of the squared norms
+    path_lengths = torch.sqrt(grad.pow(2).sum(2).mean(1))  # [B]
+    # a <- a + decay (mean ||J^T y|| - a)
+    path_mean = mean_path_length + decay * (path_lengths.mean() - mean_path_length)
+    # (||J_w^T y|| - a)^2
+    path_penalty = (path_lengths - path_mean).pow(2).mean()
+    return path_penalty, path_mean.detach(), path_lengths
+
+
+def make_adam(params, lr, reg_every):
+    """Adam(lr c, betas (0, 0.99^c)) with c = k / (k + 1) for a regulariser applied every k steps
+    (StyleGAN2's lazy regularisation keeps the effective step size of the main loss)."""
+    ratio = reg_every / (reg_every + 1) if reg_every else 1.0
+    return torch.optim.Adam(params, lr=lr * ratio, betas=(0**ratio, 0.99**ratio))
+
+
+def requires_grad(model, flag=True):
+    for parameter in model.parameters():
+        parameter.requires_grad_(flag)
+
+
+@torch.no_grad()
+def accumulate(model_ema, model, decay=EMA_DECAY):
+    """theta_ema <- decay theta_ema + (1 - decay) theta, over parameters only (buffers stay), as rosinality."""
+    ema_params = dict(model_ema.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].lerp_(param.detach(), 1 - decay)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line shared by every method
+
+
+def add_common_args(parser, **defaults):
+    """The interface every method offers. `defaults` overrides per method (e.g. iter=..., batch=...)."""
+    d = dict(
+        out=None, iter=5002, batch=4, lr=0.002, seed=1, sample_every=500, save_every=1000, n_sample=25
+    )
+    d.update(defaults)
+    parser.add_argument("--source", required=True, help="source checkpoint in rosinality's format (g, g_ema, d)")
+    parser.add_argument("--target", required=True, help="folder of target images (png/jpg/jpeg/webp/bmp)")
+    parser.add_argument("--out", default=d["out"], help="run folder (default: runs/<method>-<target name>)")
+    parser.add_argument("--iter", type=int, default=d["iter"], help=f"training iterations (default {d['iter']}: official code)")
+    parser.add_argument("--batch", type=int, default=d["batch"], help=f"batch size (default {d['batch']}: official code)")
+    parser.add_argument("--lr", type=float, default=d["lr"], help=f"base learning rate before lazy-regularisation scaling (default {d['lr']}: official code)")
+    parser.add_argument("--seed", type=int, default=d["seed"], help=f"seed of torch, numpy and random (default {d['seed']}: official code's torch.manual_seed)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--sample-every", type=int, default=d["sample_every"], help=f"iterations between sample grids (default {d['sample_every']}: official img_freq)")
+    parser.add_argument("--save-every", type=int, default=d["save_every"], help=f"iterations between checkpoints (default {d['save_every']}: official save_freq)")
+    parser.add_argument("--n-sample", type=int, default=d["n_sample"], help=f"images per sample grid (default {d['n_sample']}: official n_sample)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from a checkpoint: a path, or no value for the run folder's latest")
+    return parser
+
+
+def check_common_args(args):
+    for name in ("iter", "batch", "sample_every", "save_every", "n_sample"):
+        value = getattr(args, name)
+        if value < (0 if name == "iter" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folder, logging, sample grids, checkpoints
+
+
+class RunDir:
+    """<out>/samples/*.png, <out>/checkpoints/*.pt, <out>/log.csv."""
+
+    def __init__(self, out):
+        self.root = out
+        self.samples = os.path.join(out, "samples")
+        self.checkpoints = os.path.join(out, "checkpoints")
+        self.log_path = os.path.join(out, "log.csv")
+        os.makedirs(self.samples, exist_ok=True)
+        os.makedirs(self.checkpoints, exist_ok=True)
+
+    def sample_path(self, i):
+        return os.path.join(self.samples, f"{i:06d}.png")
+
+    def checkpoint_path(self, i):
+        return os.path.join(self.checkpoints, f"{i:06d}.pt")
+
+    def latest_checkpoint(self):
+        names = sorted(n for n in os.listdir(self.checkpoints) if n.endswith(".pt") and n[:-3].isdigit())
+        return os.path.join(self.checkpoints, names[-1]) if names else None
+
+
+class CSVLog:
+    """Appends one row per logged iteration to log.csv (columns fixed by the first row)."""
+
+    def __init__(self, path, resume_from=None):
+        self.path = path
+        self.columns = None
+        if resume_from is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows:
+                self.columns = rows[0]
+                kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < resume_from]
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def write(self, i, values):
+        row = {"iter": i, **{k: float(v) for k, v in values.items()}}
+        if self.columns is None:
+            self.columns = list(row)
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(c, "")) for c in self.columns])
+
+
+def _fmt(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def image_grid(images, nrow):
+    """[N, 3, H, W] in [-1, 1] -> uint8 grid [3, H', W'] with 2-px borders (torchvision.utils.make_grid)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+    return (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # [3, H', W']
+
+
+def save_png(path, grid):
+    from PIL import Image
+
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def save_comparison_grid(path, source_images, adapted_images, nrow=None):
+    """Source G_s(z) grid on the left, adapted G_t(z) grid on the right, the same z at the same place."""
+    nrow = nrow or max(1, int(math.sqrt(source_images.shape[0])))
+    left = image_grid(source_images, nrow)
+    right = image_grid(adapted_images, nrow)
+    gap = torch.full((3, left.shape[1], max(8, left.shape[2] // 40)), 255, dtype=torch.uint8)
+    save_png(path, torch.cat([left, gap, right], 2))
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file in the same folder, then an atomic rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load_training_checkpoint(path):
+    """A checkpoint written by one of our method files (for --resume), with one-line errors."""
+    from stylegan2 import read_checkpoint
+
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or "iter" not in state or "g" not in state:
+        raise UserError(f"{path} is not a checkpoint written by this project's training (no 'iter'); cannot resume from it")
+    return state
+
+
+def resolve_resume(resume, run_dir):
+    """--resume value -> checkpoint path or None. 'auto' means the run folder's latest checkpoint."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = run_dir.latest_checkpoint()
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {run_dir.checkpoints} to resume from")
+        return path
+    if not os.path.exists(resume):
+        raise UserError(f"--resume: checkpoint not found: {resume}")
+    return resume
+
+
+def args_to_dict(args):
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def default_out_dir(method, target):
+    name = os.path.splitext(os.path.basename(os.path.normpath(target)))[0] or "target"
+    return os.path.join("runs", f"{method}-{name}")
