@@ -6,7 +6,6 @@ parameter EMA, seeding and RNG state, the shared command line, the run folder (s
 log.csv), atomic checkpoints with resume, and one-line user errors.
 """
 
-import argparse
 import csv
 import io
 import math
@@ -469,6 +468,50 @@ def resolve_resume(resume, run_dir):
     if not os.path.exists(resume):
         raise UserError(f"--resume: checkpoint not found: {resume}")
     return resume
+
+
+def training_state(i, args, g, g_ema, d, g_optim, d_optim, **extra):
+    """A checkpoint in rosinality's layout (g, g_ema, d, g_optim, d_optim, args) plus our keys: the iteration
+    to continue from, all RNG states, and whatever the method adds (patch head, anchors, ...). `args` is
+    stored as a plain dict so that the file loads with weights_only=True."""
+    state = {
+        "g": g.state_dict(),
+        "g_ema": g_ema.state_dict(),
+        "d": d.state_dict(),
+        "g_optim": g_optim.state_dict(),
+        "d_optim": d_optim.state_dict(),
+        "args": args_to_dict(args),
+        "iter": i,
+        "rng": get_rng_state(),
+    }
+    state.update(extra)
+    return state
+
+
+def restore_training_state(state, g, g_ema, d, g_optim, d_optim):
+    """Load the networks and optimisers of a `training_state` checkpoint; returns the iteration to continue from."""
+    try:
+        g.load_state_dict(state["g"])
+        g_ema.load_state_dict(state["g_ema"])
+        d.load_state_dict(state["d"])
+        g_optim.load_state_dict(state["g_optim"])
+        d_optim.load_state_dict(state["d_optim"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"the resume checkpoint does not match this run's models ({reason[:200]})") from None
+    set_rng_state(state["rng"])
+    return int(state["iter"])
+
+
+def progress_bar(start, total):
+    """tqdm over iterations [start, total); call .set_postfix_str(format_losses(...)) with the current losses."""
+    from tqdm import tqdm
+
+    return tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, smoothing=0.05)
+
+
+def format_losses(values):
+    return " ".join(f"{k} {float(v):.4f}" for k, v in values.items())
 
 
 def args_to_dict(args):

@@ -1,0 +1,139 @@
+"""Speed benchmark of the shared StyleGAN2 (not a test): G forward, G forward+backward, D forward+backward,
+one full GAN step (D step + G step, as in rosinality's train.py without the lazy regularisers).
+
+    python bench.py --size 64 --batch 4                      # ours, CPU
+    python bench.py --size 256 --batch 4 --device cuda       # ours, GPU
+    python bench.py --size 64 --reference /path/to/stylegan2-pytorch   # also rosinality's model.py, same weights
+
+Prints seconds (median of --repeat runs after one warm-up), it/s and peak memory (CUDA: max allocated;
+CPU: the process's peak resident set size so far). `--form` times one modulated-conv form instead of "auto".
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import stylegan2
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, device, repeat):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark(g, d, args, device):
+    latent = g.style_dim if hasattr(g, "style_dim") else 512
+    z = torch.randn(args.batch, latent, device=device)
+    real = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    g_optim = torch.optim.Adam(g.parameters(), lr=0.002, betas=(0.0, 0.99))
+    d_optim = torch.optim.Adam(d.parameters(), lr=0.002, betas=(0.0, 0.99))
+
+    def g_forward():
+        with torch.no_grad():
+            g([z])
+
+    def g_forward_backward():
+        g.zero_grad(set_to_none=True)
+        image, _ = g([z])
+        image.square().mean().backward()
+
+    def d_forward_backward():
+        d.zero_grad(set_to_none=True)
+        d(real).mean().backward()
+
+    def gan_step():
+        # D step: G without graph, D on real and fake
+        g.requires_grad_(False)
+        d.requires_grad_(True)
+        with torch.no_grad():
+            fake, _ = g([torch.randn_like(z)])
+        d_loss = F.softplus(-d(real)).mean() + F.softplus(d(fake)).mean()
+        d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_optim.step()
+        # G step: non-saturating loss through D
+        g.requires_grad_(True)
+        d.requires_grad_(False)
+        fake, _ = g([torch.randn_like(z)])
+        g_loss = F.softplus(-d(fake)).mean()
+        g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_optim.step()
+
+    results = {}
+    for name, fn in [
+        ("G forward", g_forward),
+        ("G forward+backward", g_forward_backward),
+        ("D forward+backward", d_forward_backward),
+        ("GAN step (D+G)", gan_step),
+    ]:
+        results[name] = timed(fn, device, args.repeat)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--channel-multiplier", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--form", default="auto", choices=["auto", "grouped", "shared"], help="modulated-conv form")
+    parser.add_argument("--reference", default=None, help="path of a rosinality/stylegan2-pytorch checkout to time too")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+
+    torch.manual_seed(0)
+    g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier).to(device)
+    d = stylegan2.Discriminator(args.size, channel_multiplier=args.channel_multiplier).to(device)
+    g.set_modconv_form(args.form)
+    models = {"ours": (g, d)}
+    if args.reference:
+        sys.path.insert(0, os.path.abspath(args.reference))
+        import model as rosinality
+
+        rg = rosinality.Generator(args.size, 512, 8, channel_multiplier=args.channel_multiplier).to(device)
+        rd = rosinality.Discriminator(args.size, channel_multiplier=args.channel_multiplier).to(device)
+        rg.load_state_dict(g.state_dict())
+        rd.load_state_dict(d.state_dict())
+        models["rosinality"] = (rg, rd)
+
+    print(f"size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, device {device}, "
+          f"threads {torch.get_num_threads()}, form {args.form}, torch {torch.__version__}")
+    table = {name: benchmark(gm, dm, args, device) for name, (gm, dm) in models.items()}
+    header = f"{'':22s}" + "".join(f"{name:>24s}" for name in table)
+    print(header)
+    for row in next(iter(table.values())):
+        cells = "".join(f"{table[name][row]:>12.3f} s {1 / table[name][row]:>6.2f} it/s" for name in table)
+        print(f"{row:22s}{cells}")
+    if len(table) == 2:
+        print("speed-up   " + ", ".join(f"{row}: {table['rosinality'][row] / table['ours'][row]:.2f}x" for row in table["ours"]))
+    print(f"peak memory {peak_memory_mb(device):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
