@@ -320,3 +320,42 @@ def test_run_main_prints_one_line_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: target not found: /definitely/missing"
+
+
+def test_training_state_round_trip(tmp_path):
+    import argparse
+
+    def build():
+        g = Generator(16, style_dim=8, n_mlp=1, channel_cap=8)
+        g_ema = Generator(16, style_dim=8, n_mlp=1, channel_cap=8)
+        d = Discriminator(16, channel_cap=8)
+        return g, g_ema, d, common.make_adam(g.parameters(), 0.002, 4), common.make_adam(d.parameters(), 0.002, 16)
+
+    g, g_ema, d, g_optim, d_optim = build()
+    g(([torch.randn(2, 8)]))[0].mean().backward()
+    g_optim.step()
+    args = argparse.Namespace(iter=10, lr=0.002, target="t", resume=None, device=torch.device("cpu"))
+    path = str(tmp_path / "000007.pt")
+    common.save_checkpoint(path, common.training_state(7, args, g, g_ema, d, g_optim, d_optim, anchors=torch.ones(3, 8)))
+    expected_draw = torch.rand(3)
+
+    from stylegan2 import load_checkpoint
+
+    models, raw = load_checkpoint(path)  # our checkpoints stay readable as rosinality checkpoints
+    assert set(models) == {"g", "g_ema", "d"} and raw["args"]["iter"] == 10 and "device" not in raw["args"]
+
+    g2, g_ema2, d2, g_optim2, d_optim2 = build()
+    start = common.restore_training_state(common.load_training_checkpoint(path), g2, g_ema2, d2, g_optim2, d_optim2)
+    assert start == 7
+    assert torch.equal(torch.rand(3), expected_draw)  # RNG restored to the moment of saving
+    assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), g2.state_dict().values()))
+    assert torch.equal(g_optim.state_dict()["state"][0]["exp_avg_sq"], g_optim2.state_dict()["state"][0]["exp_avg_sq"])
+    wrong = Generator(32, style_dim=8, n_mlp=1, channel_cap=8)
+    with pytest.raises(UserError, match="does not match"):
+        common.restore_training_state(common.load_training_checkpoint(path), wrong, g_ema2, d2, g_optim2, d_optim2)
+
+
+def test_format_losses_and_progress():
+    assert common.format_losses({"d": 1.23456, "g": torch.tensor(0.5)}) == "d 1.2346 g 0.5000"
+    bar = common.progress_bar(3, 10)
+    assert list(bar) == list(range(3, 10)) and bar.total == 10
