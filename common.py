@@ -160,26 +160,55 @@ class ImageFolder:
         images = self.images if index is None else self.images[index]
         return images.float() / 127.5 - 1
 
-    def batches(self, batch, device):
-        """Endless float batches [B, 3, H, W] in [-1, 1] with random horizontal flips.
+    def sampler(self, batch, device):
+        return BatchSampler(self, batch, device)
 
-        Like the official DataLoader(RandomSampler, drop_last=True): each epoch is a random permutation cut
-        into full batches, the remainder dropped (10 images, batch 4: 8 images per epoch). With fewer
-        images than `batch`, permutations are chained so every batch is full.
-        """
-        n = len(self)
-        while True:
-            if n >= batch:
-                order = torch.randperm(n)
-                chunks = [order[k : k + batch] for k in range(0, n - batch + 1, batch)]
-            else:
-                order = torch.cat([torch.randperm(n) for _ in range(math.ceil(batch / n))])
-                chunks = [order[:batch]]
-            for index in chunks:
-                images = self.as_float(index)  # [B, 3, H, W]
-                flip = torch.rand(len(index)) < 0.5  # [B]
-                images = torch.where(flip[:, None, None, None], images.flip(3), images)
-                yield images.to(device)
+
+class BatchSampler:
+    """Endless float batches [B, 3, H, W] in [-1, 1] with random horizontal flips, resumable.
+
+    Like the official DataLoader(RandomSampler, drop_last=True): each epoch is a random permutation cut into
+    full batches, the remainder dropped (10 images, batch 4: 8 images per epoch). With fewer images than
+    `batch`, permutations are chained so every batch is full. state_dict() holds the current epoch's order
+    and position, so a resumed run draws exactly the batches the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, dataset, batch, device):
+        self.dataset = dataset
+        self.batch = batch
+        self.device = device
+        self.chunks = []  # the current epoch's batches of indices
+        self.position = 0
+
+    def _new_epoch(self):
+        n, batch = len(self.dataset), self.batch
+        if n >= batch:
+            order = torch.randperm(n)
+            self.chunks = [order[k : k + batch] for k in range(0, n - batch + 1, batch)]
+        else:
+            order = torch.cat([torch.randperm(n) for _ in range(math.ceil(batch / n))])
+            self.chunks = [order[:batch]]
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.position >= len(self.chunks):
+            self._new_epoch()
+        index = self.chunks[self.position]
+        self.position += 1
+        images = self.dataset.as_float(index)  # [B, 3, H, W]
+        flip = torch.rand(len(index)) < 0.5  # [B]
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        return images.to(self.device)
+
+    def state_dict(self):
+        return {"chunks": [c.clone() for c in self.chunks], "position": self.position}
+
+    def load_state_dict(self, state):
+        self.chunks = list(state["chunks"])
+        self.position = int(state["position"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,6 +517,18 @@ def training_state(i, args, g, g_ema, d, g_optim, d_optim, **extra):
     return state
 
 
+def load_optimizer_moments(optimizer, state):
+    """Load a source run's Adam state (moments, step counts) but keep this run's lr and betas."""
+    hyper = [(group["lr"], group["betas"]) for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"the source checkpoint's optimiser state does not fit its networks ({reason[:160]}); use --ignore-source-optim") from None
+    for group, (lr, betas) in zip(optimizer.param_groups, hyper):
+        group["lr"], group["betas"] = lr, betas
+
+
 def restore_training_state(state, g, g_ema, d, g_optim, d_optim):
     """Load the networks and optimisers of a `training_state` checkpoint; returns the iteration to continue from."""
     try:
@@ -503,6 +544,43 @@ def restore_training_state(state, g, g_ema, d, g_optim, d_optim):
     return int(state["iter"])
 
 
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) only sets `.requested`; the training loop checks it after each iteration, writes a
+    checkpoint and exits cleanly, so no iteration is left half-done. A second Ctrl-C aborts at once."""
+
+    def __enter__(self):
+        import signal
+
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to abort)", file=sys.stderr)
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+            self._installed = True
+        except ValueError:  # not the main thread: keep the default behaviour
+            self._installed = False
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def check_discriminator_batch(batch):
+    """The minibatch-stddev layer pools groups of min(B, 4): B above 4 must be a multiple of 4."""
+    if batch > 4 and batch % 4:
+        raise UserError(f"--batch {batch}: the discriminator's minibatch-stddev groups need a batch of at most 4 or a multiple of 4")
+
+
 def progress_bar(start, total):
     """tqdm over iterations [start, total); call .set_postfix_str(format_losses(...)) with the current losses."""
     from tqdm import tqdm
@@ -511,7 +589,7 @@ def progress_bar(start, total):
 
 
 def format_losses(values):
-    return " ".join(f"{k} {float(v):.4f}" for k, v in values.items())
+    return " ".join(f"{k} {float(v):.4g}" for k, v in values.items())
 
 
 def args_to_dict(args):

@@ -93,7 +93,7 @@ def test_batches_drop_last_and_flip(tmp_path):
         array[:, :2] = 25 * k  # left half carries the image id, right half black
         write(tmp_path / f"{k}.png", array)
     data = common.ImageFolder(str(tmp_path), 4)
-    batches = data.batches(4, "cpu")
+    batches = data.sampler(4, "cpu")
     seen = []
     flips = 0
     for _ in range(2):  # one epoch: 2 full batches of 4, 2 images dropped
@@ -109,7 +109,16 @@ def test_batches_drop_last_and_flip(tmp_path):
     few = common.ImageFolder(str(tmp_path), 4)
     few.images = few.images[:3]
     few.files = few.files[:3]
-    assert next(few.batches(4, "cpu")).shape == (4, 3, 4, 4)
+    assert next(few.sampler(4, "cpu")).shape == (4, 3, 4, 4)
+    # resumable: a sampler restored from state_dict draws the same batches
+    sampler = data.sampler(4, "cpu")
+    next(sampler)
+    state, rng = sampler.state_dict(), torch.get_rng_state()
+    expected = [next(sampler) for _ in range(3)]
+    restored = data.sampler(4, "cpu")
+    restored.load_state_dict(state)
+    torch.set_rng_state(rng)
+    assert all(torch.equal(a, next(restored)) for a in expected)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,6 +365,6 @@ def test_training_state_round_trip(tmp_path):
 
 
 def test_format_losses_and_progress():
-    assert common.format_losses({"d": 1.23456, "g": torch.tensor(0.5)}) == "d 1.2346 g 0.5000"
+    assert common.format_losses({"d": 1.23456, "g": torch.tensor(0.5)}) == "d 1.235 g 0.5"
     bar = common.progress_bar(3, 10)
     assert list(bar) == list(range(3, 10)) and bar.total == 10
