@@ -800,11 +800,11 @@ def load_checkpoint(path, require=("g", "g_ema", "d"), device="cpu"):
             )
         found = ", ".join(sorted(map(str, ckpt))[:6]) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a StyleGAN2 checkpoint (expected keys 'g', 'g_ema', 'd'; found: {found})")
-    for name in require:
-        if name not in ckpt:
-            have = ", ".join(k for k in ("g", "g_ema", "d") if k in ckpt)
-            extra = f": {NEEDS_D_MESSAGE}" if name == "d" else ""
-            raise CheckpointError(f"{path} has no '{name}' (it has {have}){extra}")
+    missing = [name for name in require if name not in ckpt]
+    if missing:
+        have = ", ".join(f"'{k}'" for k in ("g", "g_ema", "d") if k in ckpt)
+        extra = f": {NEEDS_D_MESSAGE}" if "d" in missing else ""
+        raise CheckpointError(f"{path} has no {' or '.join(repr(m) for m in missing)} (only {have}){extra}")
     models = {}
     for name in ("g", "g_ema", "d"):
         if name not in ckpt:

@@ -252,7 +252,7 @@ def test_checkpoint_errors(tmp_path):
     only_ema = tmp_path / "g_ema_only.pt"
     torch.save({"g_ema": g.state_dict(), "latent_avg": torch.zeros(8)}, only_ema)
     message = error_of(only_ema)
-    assert "no 'g'" in message
+    assert "no 'g' or 'd' (only 'g_ema')" in message and "fine-tunes the source discriminator" in message
     assert "no 'd'" in error_of(only_ema, require=("g_ema", "d")) and "fine-tunes the source discriminator" in error_of(only_ema, require=("g_ema", "d"))
     models, _ = load_checkpoint(str(only_ema), require=("g_ema",))
     assert set(models) == {"g_ema"}
