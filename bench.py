@@ -4,6 +4,7 @@ one full GAN step (D step + G step, as in rosinality's train.py without the lazy
     python bench.py --size 64 --batch 4                      # ours, CPU
     python bench.py --size 256 --batch 4 --device cuda       # ours, GPU
     python bench.py --size 64 --reference /path/to/stylegan2-pytorch   # also rosinality's model.py, same weights
+    python bench.py --size 64 --method cdc                   # seconds per training iteration of cdc.py
 
 Prints seconds (median of --repeat runs after one warm-up), it/s and peak memory (CUDA: max allocated;
 CPU: the process's peak resident set size so far). `--form` times one modulated-conv form instead of "auto".
@@ -92,6 +93,53 @@ def benchmark(g, d, args, device):
     return results
 
 
+def benchmark_method(args, device):
+    """Seconds per training iteration of a method file, on a random source checkpoint and 10 random images.
+
+    Runs the method for 1 and for 1 + repeat iterations (sampling and saving disabled) and divides the
+    difference by `repeat`, so start-up (loading, the first sample grid) is not counted.
+    """
+    import argparse as _argparse
+    import importlib
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    method = importlib.import_module(args.method)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier)
+        d = stylegan2.Discriminator(args.size, channel_multiplier=args.channel_multiplier)
+        source = os.path.join(tmp, "source.pt")
+        torch.save({"g": g.state_dict(), "g_ema": g.state_dict(), "d": d.state_dict(), "args": _argparse.Namespace()}, source)
+        target = os.path.join(tmp, "target")
+        os.makedirs(target)
+        rng = np.random.default_rng(0)
+        for k in range(10):
+            Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(os.path.join(target, f"{k}.png"))
+        del g, d
+
+        def run(iters, out):
+            argv = ["--source", source, "--target", target, "--out", os.path.join(tmp, out), "--iter", str(iters),
+                    "--batch", str(args.batch), "--device", str(device), "--sample-every", "100000", "--save-every", "100000", "--n-sample", "4"]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            method.main(argv)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        base = run(1, "a")
+        total = run(1 + args.repeat, "b")
+    per_iter = (total - base) / args.repeat
+    print(f"{args.method}.py: size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, device {device}, "
+          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"{per_iter:.3f} s per iteration ({1 / per_iter:.3f} it/s), averaged over {args.repeat} iterations")
+    print(f"peak memory {peak_memory_mb(device):.0f} MB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
@@ -102,10 +150,14 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--form", default="auto", choices=["auto", "grouped", "shared"], help="modulated-conv form")
     parser.add_argument("--reference", default=None, help="path of a rosinality/stylegan2-pytorch checkout to time too")
+    parser.add_argument("--method", default=None, help="time training iterations of this method file instead (e.g. cdc)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+
+    if args.method:
+        return benchmark_method(args, device)
 
     torch.manual_seed(0)
     g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier).to(device)

@@ -81,6 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--d-reg-every", type=int, default=16, help="lazy R1 interval (default 16: official code)")
     parser.add_argument("--g-reg-every", type=int, default=4, help="lazy path-length interval (default 4: official code)")
     parser.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability on non-anchor iterations (default 0.9: official code)")
+    parser.add_argument("--cdc-export", action="store_true",
+                        help="also write <out>/g_ema_cdc_generate.pt with DataParallel's module. prefix, the form the official generate.py's --ckpt_target expects")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official: loaded when present)")
     args = parser.parse_args(argv)
@@ -330,6 +332,9 @@ def main(argv=None):
     pbar.close()
     write_samples(args.iter)
     path = save(args.iter)
+    if args.cdc_export:
+        common.save_checkpoint(os.path.join(run.root, "g_ema_cdc_generate.pt"),
+                               {"g_ema": {"module." + k: v for k, v in g_ema.state_dict().items()}})
     print(f"done: {path}")
     return path
 

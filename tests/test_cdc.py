@@ -160,7 +160,7 @@ def test_resume_is_bit_for_bit(setup):
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--no-dist", "--adv", "image"],
+        ["--no-dist", "--adv", "image", "--cdc-export"],
         ["--adv", "patch", "--highp", "3", "--same-noise"],
         ["--kl-direction", "target_source", "--kl-reduction", "batchmean", "--kl-layers", "all", "--ignore-source-optim"],
     ],
@@ -172,6 +172,10 @@ def test_ablation_and_variant_flags(setup, flags):
     rows = [r.split(",") for r in open(out / "log.csv").read().split()[1:]]
     dist = [float(r[3]) for r in rows]
     assert (max(dist) == 0) == ("--no-dist" in flags)
+    if "--cdc-export" in flags:
+        exported = torch.load(out / "g_ema_cdc_generate.pt", weights_only=True)["g_ema"]
+        assert all(k.startswith("module.") for k in exported)
+        assert load_checkpoint(str(out / "g_ema_cdc_generate.pt"), require=("g_ema",))[0]["g_ema"].size == 32
 
 
 def run_cli(*args):
