@@ -285,17 +285,19 @@ def main(argv=None):
                 noise_src = noise_tgt = None
                 if args.same_noise:
                     noise_src = noise_tgt = per_sample_noise(generator, args.feat_const_batch, device)
+                # one layer per anchor row, uniform in {1, ..., n_latent - 2}
+                layer_idx = torch.randint(1, n_latent - 1, (args.feat_const_batch,))  # [N], on the CPU: no device sync
+                # both generators stop at the deepest layer used (the official code also renders the image)
+                deepest = int(layer_idx.max()) if args.kl_layers == "random" else n_latent - 2
                 with torch.no_grad():
-                    _, feats_src = g_source([z], noise=noise_src, return_feats=True)
-                _, feats_tgt = generator([z], noise=noise_tgt, return_feats=True)
+                    _, feats_src = g_source([z], noise=noise_src, return_feats=True, feats_upto=deepest)
+                _, feats_tgt = generator([z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
                 if args.kl_layers == "random":
-                    # one layer per anchor row, uniform in {1, ..., n_latent - 2}
-                    layer_idx = torch.randint(1, n_latent - 1, (args.feat_const_batch,), device=device)  # [N]
                     dist_loss = distance_consistency_loss(feats_src, feats_tgt, layer_idx, args.kl_direction, args.kl_reduction)
                 else:
                     # sum over the layers l = 1 .. n_latent - 2
                     dist_loss = sum(
-                        distance_consistency_loss(feats_src, feats_tgt, torch.full((args.feat_const_batch,), layer, device=device),
+                        distance_consistency_loss(feats_src, feats_tgt, torch.full((args.feat_const_batch,), layer),
                                                   args.kl_direction, args.kl_reduction)
                         for layer in range(1, n_latent - 1)
                     )

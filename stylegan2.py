@@ -467,13 +467,17 @@ class Generator(nn.Module):
         noise=None,
         randomize_noise=True,
         return_feats=False,
+        feats_upto=None,
     ):
         """styles: list of z (or w with input_is_latent) [B, style_dim], or one W+ code [B, n_latent, style_dim].
 
         Returns (image [B, 3, size, size], latent [B, n_latent, style_dim] or None); with return_feats=True
         (image, feats) where feats are the num_layers styled-conv outputs in forward order; with both,
-        (image, latent, feats).
+        (image, latent, feats). feats_upto=k stops right after feats[k] and returns (None, feats[:k+1]):
+        the layers after it and the image are not computed (and draw no noise).
         """
+        if feats_upto is not None and not 0 <= feats_upto < self.num_layers:
+            raise ValueError(f"feats_upto must be in [0, {self.num_layers - 1}], got {feats_upto}")
         if not input_is_latent:
             styles = [self.style(s) for s in styles]
 
@@ -504,6 +508,8 @@ class Generator(nn.Module):
         out = self.input(latent)  # [B, C4, 4, 4]
         out = self.conv1(out, latent[:, 0], noise=noise[0])
         feats.append(out)
+        if feats_upto is not None and feats_upto < 1:
+            return None, feats
         skip = self.to_rgb1(out, latent[:, 1])  # [B, 3, 4, 4]
 
         i = 1
@@ -512,8 +518,12 @@ class Generator(nn.Module):
         ):
             out = conv_up(out, latent[:, i], noise=noise1)  # [B, C, 2H, 2W]
             feats.append(out)
+            if feats_upto is not None and len(feats) > feats_upto:
+                return None, feats
             out = conv(out, latent[:, i + 1], noise=noise2)
             feats.append(out)
+            if feats_upto is not None and len(feats) > feats_upto:
+                return None, feats
             skip = to_rgb(out, latent[:, i + 2], skip)  # [B, 3, 2H, 2W]
             i += 2
 

@@ -141,6 +141,13 @@ def test_generator_feats_are_styled_conv_outputs():
     img2, latent, feats2 = g([z], return_feats=True, return_latents=True, randomize_noise=False)
     assert torch.equal(img, img2) and len(feats2) == 7 and latent.shape == (2, g.n_latent, 16)
     assert torch.equal(img, g([z], randomize_noise=False)[0])
+    # stopping early gives the same first maps and skips the rest
+    for k in (0, 3, 6):
+        none, partial = g([z], return_feats=True, randomize_noise=False, feats_upto=k)
+        assert none is None and len(partial) == k + 1
+        assert all(torch.equal(a, b) for a, b in zip(partial, feats))
+    with pytest.raises(ValueError):
+        g([z], return_feats=True, feats_upto=7)
 
 
 def test_discriminator_feature_maps_and_early_stop():
