@@ -345,6 +345,48 @@ def accumulate(model_ema, model, decay=EMA_DECAY):
 
 
 # ------------------------------------------------------------------------------------------------
+# Pretrained perceptual network
+
+
+LPIPS_BACKBONE_FILES = {
+    "vgg": "vgg16-397923af.pth",
+    "alex": "alexnet-owt-7be5be79.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+def load_lpips(net="vgg", device="cpu", random_backbone=False):
+    """LPIPS distance (pip package `lpips`, version 0.1), frozen, in eval mode; inputs in [-1, 1].
+
+    Its linear calibration layers ship with the package. The ImageNet backbone comes from torchvision the
+    standard way (torch hub's cache, downloaded there on first use); when it is neither cached nor
+    downloadable, a one-line UserError says which file to put where. random_backbone=True builds a randomly
+    initialised backbone instead: for tests only, never a silent fallback.
+    """
+    import warnings
+
+    import lpips
+
+    if net not in LPIPS_BACKBONE_FILES:
+        raise UserError(f"unknown LPIPS network {net!r} (use {', '.join(LPIPS_BACKBONE_FILES)})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecation notice for `pretrained=`
+            model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
+    except Exception as error:
+        if random_backbone:
+            raise
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"LPIPS-{net} needs torchvision's ImageNet weights {LPIPS_BACKBONE_FILES[net]} in {cache} and they could "
+            f"not be downloaded ({reason[:120]}); copy that file there from a machine with internet access"
+        ) from None
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line shared by every method
 
 

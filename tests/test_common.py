@@ -368,3 +368,25 @@ def test_format_losses_and_progress():
     assert common.format_losses({"d": 1.23456, "g": torch.tensor(0.5)}) == "d 1.235 g 0.5"
     bar = common.progress_bar(3, 10)
     assert list(bar) == list(range(3, 10)) and bar.total == 10
+
+
+def test_lpips_random_backbone_and_missing_weights(monkeypatch, tmp_path):
+    model = common.load_lpips("vgg", random_backbone=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(model(x, x), torch.zeros(2, 1, 1, 1), atol=1e-6)
+    assert (model(x, y) > 0).all()
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torchvision.models._api
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)  # never download in tests
+    with pytest.raises(UserError, match="vgg16-397923af.pth") as info:
+        common.load_lpips("vgg")
+    assert "\n" not in str(info.value)
