@@ -301,3 +301,16 @@ def test_checkpoint_refuses_arbitrary_pickles(tmp_path):
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(str(path))
     assert "refusing to unpickle" in str(info.value)
+
+
+def test_importing_compiles_nothing():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stylegan2, common; "
+        "print(any(m.startswith('torch.utils.cpp_extension') for m in sys.modules))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip() == "False"
