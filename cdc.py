@@ -144,11 +144,6 @@ def distance_consistency_loss(feats_src, feats_tgt, layer_idx, direction="source
     return entries.sum()
 
 
-def per_sample_noise(g, batch, device):
-    """Per-pixel noise maps [B, 1, r, r] for every layer (used when G_s and G_{s->t} share noise)."""
-    return [torch.randn(batch, 1, n.shape[-2], n.shape[-1], device=device) for n in g.make_noise()]
-
-
 # ------------------------------------------------------------------------------------------------
 # Training
 
@@ -284,7 +279,7 @@ def main(argv=None):
                 z = torch.randn(args.feat_const_batch, latent_dim, device=device)  # [N, D]
                 noise_src = noise_tgt = None
                 if args.same_noise:
-                    noise_src = noise_tgt = per_sample_noise(generator, args.feat_const_batch, device)
+                    noise_src = noise_tgt = common.per_sample_noise(generator, args.feat_const_batch, device)
                 # one layer per anchor row, uniform in {1, ..., n_latent - 2}
                 layer_idx = torch.randint(1, n_latent - 1, (args.feat_const_batch,))  # [N], on the CPU: no device sync
                 # both generators stop at the deepest layer used (the official code also renders the image)

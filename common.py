@@ -222,6 +222,11 @@ def mixing_noise(batch, latent_dim, prob, device):
     return [torch.randn(batch, latent_dim, device=device)]
 
 
+def per_sample_noise(g, batch, device):
+    """Per-pixel noise maps [B, 1, r, r] for every layer of g, to give two generators the same noise draw."""
+    return [torch.randn(batch, 1, n.shape[-2], n.shape[-1], device=device) for n in g.make_noise()]
+
+
 def make_anchors(n_anchors, latent_dim, device):
     """One fixed z per training image (CDC's init_z), drawn once per run and saved with it."""
     return torch.randn(n_anchors, latent_dim, device=device)  # [K, D]
@@ -390,8 +395,9 @@ def load_lpips(net="vgg", device="cpu", random_backbone=False):
 # Command line shared by every method
 
 
-def add_common_args(parser, **defaults):
-    """The interface every method offers. `defaults` overrides per method (e.g. iter=..., batch=...)."""
+def add_common_args(parser, origin="official code", **defaults):
+    """The interface every method offers. `defaults` overrides per method (e.g. iter=..., batch=...);
+    `origin` says in the help texts where those defaults come from."""
     d = dict(
         out=None, iter=5002, batch=4, lr=0.002, seed=1, sample_every=500, save_every=1000, n_sample=25
     )
@@ -399,14 +405,14 @@ def add_common_args(parser, **defaults):
     parser.add_argument("--source", required=True, help="source checkpoint in rosinality's format (g, g_ema, d)")
     parser.add_argument("--target", required=True, help="folder of target images (png/jpg/jpeg/webp/bmp)")
     parser.add_argument("--out", default=d["out"], help="run folder (default: runs/<method>-<target name>)")
-    parser.add_argument("--iter", type=int, default=d["iter"], help=f"training iterations (default {d['iter']}: official code)")
-    parser.add_argument("--batch", type=int, default=d["batch"], help=f"batch size (default {d['batch']}: official code)")
-    parser.add_argument("--lr", type=float, default=d["lr"], help=f"base learning rate before lazy-regularisation scaling (default {d['lr']}: official code)")
-    parser.add_argument("--seed", type=int, default=d["seed"], help=f"seed of torch, numpy and random (default {d['seed']}: official code's torch.manual_seed)")
+    parser.add_argument("--iter", type=int, default=d["iter"], help=f"training iterations (default {d['iter']}: {origin})")
+    parser.add_argument("--batch", type=int, default=d["batch"], help=f"batch size (default {d['batch']}: {origin})")
+    parser.add_argument("--lr", type=float, default=d["lr"], help=f"base learning rate before lazy-regularisation scaling (default {d['lr']}: {origin})")
+    parser.add_argument("--seed", type=int, default=d["seed"], help=f"seed of torch, numpy and random (default {d['seed']}: {origin}, torch.manual_seed)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    parser.add_argument("--sample-every", type=int, default=d["sample_every"], help=f"iterations between sample grids (default {d['sample_every']}: official img_freq)")
-    parser.add_argument("--save-every", type=int, default=d["save_every"], help=f"iterations between checkpoints (default {d['save_every']}: official save_freq)")
-    parser.add_argument("--n-sample", type=int, default=d["n_sample"], help=f"images per sample grid (default {d['n_sample']}: official n_sample)")
+    parser.add_argument("--sample-every", type=int, default=d["sample_every"], help=f"iterations between sample grids (default {d['sample_every']}: {origin}, img_freq)")
+    parser.add_argument("--save-every", type=int, default=d["save_every"], help=f"iterations between checkpoints (default {d['save_every']}: {origin}, save_freq)")
+    parser.add_argument("--n-sample", type=int, default=d["n_sample"], help=f"images per sample grid (default {d['n_sample']}: {origin}, n_sample)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from a checkpoint: a path, or no value for the run folder's latest")
     return parser
 

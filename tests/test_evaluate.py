@@ -1,0 +1,232 @@
+"""evaluate.py: FID / KID / IS / IC-LPIPS against direct formulas and pytorch-fid, pictures, table, errors."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import evaluate
+from stylegan2 import Discriminator, Generator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_images(folder, n, size=32, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{k:03d}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        g = Generator(32, style_dim=16, n_mlp=2, channel_cap=16)
+        d = Discriminator(32, channel_cap=16)
+        path = root / f"model{seed}.pt"
+        torch.save({"g": g.state_dict(), "g_ema": g.state_dict(), "d": d.state_dict()}, path)
+        paths.append(str(path))
+    return root, paths
+
+
+def test_frechet_distance_direct_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 6)), rng.normal(size=(40, 6)) * 1.5 + 0.3
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    # Tr((S1 S2)^(1/2)) = sum of the square roots of the eigenvalues of S1 S2 (real, non-negative)
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert abs(evaluate.frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-6
+    assert abs(evaluate.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
+
+
+def test_fid_statistics_equal_pytorch_fid(tmp_path):
+    from pytorch_fid.fid_score import calculate_activation_statistics
+
+    real = write_images(tmp_path / "real", 6, seed=1)
+    fake = write_images(tmp_path / "fake", 5, seed=2)
+    torch.manual_seed(0)
+    model = evaluate.load_fid_inception("cpu", random_weights=True)
+    mu_r, s_r, n = evaluate.real_statistics(real, model, 4, "cpu", str(tmp_path / "cache"), "random-2048")
+    assert n == 6 and len(os.listdir(tmp_path / "cache")) == 1
+    _, images = evaluate.read_folder(fake)
+    mu_f, s_f = evaluate.feature_statistics(evaluate.inception_features(model, images, 4, "cpu"))
+    # pytorch-fid's own pipeline (file reading, batching, features, statistics) on the same files and network
+    files = lambda d: sorted(os.path.join(d, f) for f in os.listdir(d))
+    for (mu, sigma), folder in (((mu_r, s_r), real), ((mu_f, s_f), fake)):
+        their_mu, their_sigma = calculate_activation_statistics(files(folder), model, 50, 2048, "cpu", 0)
+        assert np.allclose(mu, their_mu, atol=1e-6) and np.allclose(sigma, their_sigma, atol=1e-6)
+    # the cache is reused: no network needed the second time
+    again = evaluate.real_statistics(real, None, 4, "cpu", str(tmp_path / "cache"), "random-2048")
+    assert np.array_equal(again[0], mu_r) and np.array_equal(again[1], s_r)
+
+
+def test_fid_cli_self_is_zero_and_too_few_real_images(tmp_path):
+    real = write_images(tmp_path / "real", 4)
+    # --dims 64 keeps the matrix square root small; the 2048-d features are checked above
+    fid = evaluate.main(["fid", "--fake", real, "--real", real, "--batch", "3", "--device", "cpu", "--random-weights",
+                         "--dims", "64", "--cache-dir", str(tmp_path / "c")])
+    assert abs(fid) < 1e-2
+    one = write_images(tmp_path / "one", 1)
+    with pytest.raises(common.UserError, match="at least 2 real images"):
+        evaluate.main(["fid", "--fake", real, "--real", one, "--device", "cpu", "--random-weights", "--cache-dir", str(tmp_path / "c")])
+
+
+def test_fid_of_a_checkpoint(ckpts, tmp_path):
+    root, paths = ckpts
+    real = write_images(tmp_path / "real", 4)
+    fid = evaluate.main(["fid", "--ckpt", paths[0], "--real", real, "--n", "6", "--batch", "3", "--device", "cpu",
+                         "--random-weights", "--dims", "64", "--cache-dir", str(tmp_path / "c")])
+    assert np.isfinite(fid) and fid > 0
+
+
+def test_kid_formula():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 8))
+    y = rng.normal(size=(30, 8)) + 1.0
+    x2 = rng.normal(size=(30, 8))
+    same, _ = evaluate.kernel_inception_distance(x2, x, n_subsets=5, subset_size=30)
+    shifted, _ = evaluate.kernel_inception_distance(y, x, n_subsets=5, subset_size=30)
+    # direct unbiased MMD^2 on the full sets (subset size = set size: every subset is the whole set)
+    k = lambda a, b: (a @ b.T / 8 + 1) ** 3
+    m = 30
+    direct = ((k(x, x).sum() - np.trace(k(x, x))) + (k(y, y).sum() - np.trace(k(y, y)))) / (m * (m - 1)) - 2 * k(x, y).mean()
+    assert abs(shifted - direct) < 1e-9 and shifted > 0
+    assert abs(same) < shifted / 10  # two samples of one distribution: near zero
+
+
+def test_inception_score_formula():
+    uniform = np.full((20, 10), 0.1)
+    assert evaluate.inception_score(uniform, splits=2) == pytest.approx((1.0, 0.0))
+    one_hot = np.eye(10)[np.arange(20) % 10] * (1 - 1e-9) + 1e-10
+    mean, std = evaluate.inception_score(one_hot, splits=2)
+    assert mean == pytest.approx(10.0, rel=1e-5)  # confident and uniform over 10 classes: IS = 10
+    model = evaluate.load_is_inception("cpu", random_weights=True)
+    probs = evaluate.inception_probabilities(model, [torch.randint(0, 256, (3, 75, 75), dtype=torch.uint8) for _ in range(4)], 2, "cpu")
+    assert probs.shape == (4, 1000) and np.allclose(probs.sum(1), 1)
+    with pytest.raises(common.UserError, match="at least 75 px"):
+        evaluate.inception_probabilities(model, [torch.zeros(3, 32, 32, dtype=torch.uint8)], 1, "cpu")
+
+
+def test_lpips_from_features_equals_lpips():
+    model = common.load_lpips("vgg", random_backbone=True)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    y = torch.rand(3, 3, 32, 32) * 2 - 1
+    ours = evaluate.lpips_from_features(model, evaluate.lpips_features(model, x), evaluate.lpips_features(model, y))
+    assert torch.allclose(ours, model(x, y).flatten(), atol=1e-6)
+
+
+def test_intra_cluster_lpips_hand_built():
+    model = common.load_lpips("vgg", random_backbone=True)
+    rng = np.random.default_rng(0)
+    centers = torch.from_numpy(rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8))
+    # copies of centre 0 (x4), centre 2 (x3) and centre 1 (x1): each must be assigned to its own centre
+    generated = centers[[0, 0, 2, 0, 2, 1, 0, 2]]
+    assignment = evaluate.assign_clusters(model, generated, centers, 3, "cpu", size=32)
+    assert assignment.tolist() == [0, 0, 2, 0, 2, 1, 0, 2]
+    mean, std, per_cluster, counts = evaluate.intra_cluster_lpips(model, generated, assignment, 3, "cpu", size=32)
+    assert counts == [4, 1, 3]
+    assert per_cluster[0] == pytest.approx(0, abs=1e-6) and per_cluster[2] == pytest.approx(0, abs=1e-6)
+    assert np.isnan(per_cluster[1])  # fewer than 2 members: reported, excluded from the mean
+    assert mean == pytest.approx(0, abs=1e-6)
+    # distinct members: the mean over all pairs i < j, computed directly
+    distinct = torch.from_numpy(rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    mean, _, per, counts = evaluate.intra_cluster_lpips(model, distinct, torch.zeros(4, dtype=torch.long), 1, "cpu", size=32)
+    x = distinct.float() / 127.5 - 1
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    direct = np.mean([model(x[i : i + 1], x[j : j + 1]).item() for i, j in pairs])
+    assert mean == pytest.approx(direct, rel=1e-5)
+    # the member cap keeps `cluster_size` members, chosen by the seed
+    capped = evaluate.intra_cluster_lpips(model, distinct, torch.zeros(4, dtype=torch.long), 1, "cpu", cluster_size=2, seed=3, size=32)
+    assert capped[3] == [4] and capped[0] > 0
+
+
+def test_iclpips_cli(ckpts, tmp_path):
+    root, paths = ckpts
+    train = write_images(tmp_path / "train", 3, size=40)
+    mean, std, counts = evaluate.main(["iclpips", "--ckpt", paths[0], "--train", train, "--n", "6", "--batch", "6",
+                                       "--device", "cpu", "--random-weights"])
+    assert sum(counts) == 6 and len(counts) == 3 and (np.isnan(mean) or mean >= 0)
+
+
+def test_compare_table_and_csv(ckpts, tmp_path):
+    root, paths = ckpts
+    train = write_images(tmp_path / "train", 2)
+    out_csv = tmp_path / "results.csv"
+    real = write_images(tmp_path / "real", 4)
+    rows = evaluate.main(["compare", "--ckpt", *paths, "--names", "cdc", "c3", "--train", train, "--real", real, "--dims", "64",
+                          "--cache-dir", str(tmp_path / "c"),
+                          "--n", "4", "--n-lpips", "4", "--batch", "4", "--splits", "2", "--resize", "--device", "cpu",
+                          "--random-weights", "--csv", str(out_csv)])
+    table = evaluate.markdown_table(rows).splitlines()
+    assert table[0] == "| method | FID | IC-LPIPS | IS |" and table[1] == "|---|---|---|---|"
+    assert table[2].startswith("| cdc | ") and table[3].startswith("| c3 | ") and " ± " in table[2]
+    with open(out_csv) as f:
+        read = list(csv.DictReader(f))
+    assert [r["method"] for r in read] == ["cdc", "c3"] and float(read[0]["is"]) == pytest.approx(rows[0]["is"])
+    assert set(read[0]) == {"method", "fid", "ic_lpips", "ic_lpips_std", "small_clusters", "is", "is_std"}
+    assert rows[0]["fid"] != rows[1]["fid"]
+    full = [{"method": "cdc", "fid": 45.678, "ic_lpips": 0.4531, "ic_lpips_std": 0.0212, "is": 2.5, "is_std": 0.1}]
+    assert evaluate.markdown_table(full).splitlines() == [
+        "| method | FID | IC-LPIPS | IS |", "|---|---|---|---|", "| cdc | 45.68 | 0.4531 ± 0.0212 | 2.500 ± 0.100 |"
+    ]
+
+
+def test_pictures(ckpts, tmp_path):
+    root, paths = ckpts
+    grid = tmp_path / "grid.png"
+    evaluate.main(["grid", "--source", paths[0], "--ckpt", paths[1], paths[0], "--n", "3", "--truncation", "0.7",
+                   "--device", "cpu", "--out", str(grid)])
+    image = np.asarray(Image.open(grid))
+    assert image.shape == (3 * 34 + 2, 3 * 34 + 2, 3)  # 3 rows (source + 2) of 3 images, 2-px padding
+    # rows 1 and 3 are the same model with the same z and noise: identical pixels
+    assert np.array_equal(image[2:34], image[70:102])
+    gif = tmp_path / "interp.gif"
+    evaluate.main(["interpolate", "--source", paths[0], "--ckpt", paths[1], "--keyframes", "2", "--steps", "3",
+                   "--device", "cpu", "--out", str(gif)])
+    frames = Image.open(gif)
+    assert frames.size == (64, 32) and frames.n_frames == 6
+    out = tmp_path / "export"
+    evaluate.main(["export", "--ckpt", paths[0], "--n", "5", "--batch", "2", "--device", "cpu", "--out", str(out)])
+    assert sorted(os.listdir(out)) == [f"{k:06d}.png" for k in range(5)]
+    first = np.asarray(Image.open(out / "000000.png"))
+    assert first.shape == (32, 32, 3)
+
+
+def test_generation_is_deterministic_and_quantised_like_png(ckpts):
+    root, paths = ckpts
+    g = evaluate.load_generator(paths[0], "cpu")
+    z = evaluate.latents(4, 16, 7, "cpu")
+    torch.manual_seed(1)
+    a = evaluate.generate(g, z, 2)
+    torch.manual_seed(1)
+    b = evaluate.generate(g, z, 4)
+    assert a.dtype == torch.uint8 and torch.equal(a, b)
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0])
+    assert evaluate.to_uint8(x).tolist() == [0, 0, 128, 255, 255]
+
+
+def test_bad_inputs(ckpts, tmp_path):
+    root, paths = ckpts
+
+    def run(*args):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], capture_output=True, text=True, cwd=ROOT)
+        return r.returncode, r.stderr.strip()
+
+    code, err = run("fid", "--ckpt", paths[0], "--real", str(tmp_path / "missing"), "--device", "cpu", "--random-weights")
+    assert code == 2 and err == f"error: target not found: {tmp_path / 'missing'}"
+    code, err = run("grid", "--source", str(tmp_path / "nope.pt"), "--ckpt", paths[0], "--device", "cpu")
+    assert code == 2 and err.startswith("error: checkpoint not found") and "\n" not in err
+    code, err = run("compare", "--ckpt", *paths, "--names", "only-one", "--no-is", "--device", "cpu")
+    assert code == 2 and "names" in err
