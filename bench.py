@@ -5,6 +5,7 @@ one full GAN step (D step + G step, as in rosinality's train.py without the lazy
     python bench.py --size 256 --batch 4 --device cuda       # ours, GPU
     python bench.py --size 64 --reference /path/to/stylegan2-pytorch   # also rosinality's model.py, same weights
     python bench.py --size 64 --method cdc                   # seconds per training iteration of cdc.py
+    python bench.py --size 64 --method rssa --method-args "--invert-steps 2 --lpips-random-backbone"
 
 Prints seconds (median of --repeat runs after one warm-up), it/s and peak memory (CUDA: max allocated;
 CPU: the process's peak resident set size so far). `--form` times one modulated-conv form instead of "auto".
@@ -13,6 +14,7 @@ CPU: the process's peak resident set size so far). `--form` times one modulated-
 import argparse
 import os
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -97,7 +99,7 @@ def benchmark_method(args, device):
     """Seconds per training iteration of a method file, on a random source checkpoint and 10 random images.
 
     Runs the method for 1 and for 1 + repeat iterations (sampling and saving disabled) and divides the
-    difference by `repeat`, so start-up (loading, the first sample grid) is not counted.
+    difference by `repeat`, so start-up (loading, the first sample grid, an inversion) is not counted.
     """
     import argparse as _argparse
     import importlib
@@ -123,6 +125,7 @@ def benchmark_method(args, device):
         def run(iters, out):
             argv = ["--source", source, "--target", target, "--out", os.path.join(tmp, out), "--iter", str(iters),
                     "--batch", str(args.batch), "--device", str(device), "--sample-every", "100000", "--save-every", "100000", "--n-sample", "4"]
+            argv += shlex.split(args.method_args)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -151,6 +154,7 @@ def main():
     parser.add_argument("--form", default="auto", choices=["auto", "grouped", "shared"], help="modulated-conv form")
     parser.add_argument("--reference", default=None, help="path of a rosinality/stylegan2-pytorch checkout to time too")
     parser.add_argument("--method", default=None, help="time training iterations of this method file instead (e.g. cdc)")
+    parser.add_argument("--method-args", default="", help="extra arguments for the method file, as one string")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

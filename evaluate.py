@@ -32,7 +32,6 @@ import hashlib
 import math
 import os
 import random
-import sys
 import warnings
 
 import numpy as np

@@ -11,3 +11,47 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def write_tiny_source(path, seed=0):
+    """A tiny source checkpoint in rosinality's layout (g, g_ema, d, optimisers, argparse args): 32 px,
+    style dim 16, 2 mapping layers, every layer capped at 16 channels."""
+    import argparse
+
+    from stylegan2 import Discriminator, Generator
+
+    torch.manual_seed(seed)
+    g = Generator(32, style_dim=16, n_mlp=2, channel_cap=16)
+    g_ema = Generator(32, style_dim=16, n_mlp=2, channel_cap=16)
+    d = Discriminator(32, channel_cap=16)
+    torch.save(
+        {
+            "g": g.state_dict(), "g_ema": g_ema.state_dict(), "d": d.state_dict(),
+            "g_optim": torch.optim.Adam(g.parameters(), lr=0.0016, betas=(0.0, 0.99)).state_dict(),
+            "d_optim": torch.optim.Adam(d.parameters(), lr=0.0016, betas=(0.0, 0.99)).state_dict(),
+            "args": argparse.Namespace(size=32, batch=16), "ada_aug_p": 0.0,
+        },
+        path,
+    )
+    return str(path)
+
+
+def write_random_images(folder, n=5, size=(40, 48), seed=0):
+    """n random RGB PNGs of size (h, w) in folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, request):
+    """(root, source checkpoint, target folder of 5 random 40x48 images) shared by a test module."""
+    root = tmp_path_factory.mktemp(request.module.__name__.split(".")[-1])
+    source = write_tiny_source(root / "source.pt")
+    target = write_random_images(root / "target")
+    return root, source, target

@@ -1,6 +1,5 @@
 """cdc.py: the distance-consistency loss against a direct double loop, and end-to-end tiny runs on CPU."""
 
-import argparse
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cdc
-from stylegan2 import Discriminator, Generator, load_checkpoint
+from stylegan2 import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,31 +87,6 @@ def test_gradient_reaches_only_the_adapted_side():
 
 # ------------------------------------------------------------------------------------------------
 # end-to-end tiny runs
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cdc")
-    torch.manual_seed(0)
-    g = Generator(32, style_dim=16, n_mlp=2, channel_cap=16)
-    g_ema = Generator(32, style_dim=16, n_mlp=2, channel_cap=16)
-    d = Discriminator(32, channel_cap=16)
-    source = root / "source.pt"
-    torch.save(
-        {
-            "g": g.state_dict(), "g_ema": g_ema.state_dict(), "d": d.state_dict(),
-            "g_optim": torch.optim.Adam(g.parameters(), lr=0.0016, betas=(0.0, 0.99)).state_dict(),
-            "d_optim": torch.optim.Adam(d.parameters(), lr=0.0016, betas=(0.0, 0.99)).state_dict(),
-            "args": argparse.Namespace(size=32, batch=16), "ada_aug_p": 0.0,
-        },
-        source,
-    )
-    target = root / "target"
-    target.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(5):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(target / f"{k}.png")
-    return root, str(source), str(target)
 
 
 def run_cdc(source, target, out, *extra):

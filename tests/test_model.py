@@ -2,7 +2,6 @@
 
 import argparse
 import os
-import pickle
 
 import pytest
 import torch
