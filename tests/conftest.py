@@ -55,3 +55,37 @@ def setup(tmp_path_factory, request):
     source = write_tiny_source(root / "source.pt")
     target = write_random_images(root / "target")
     return root, source, target
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def standard_bad_inputs(tmp_path, source, target):
+    """(argv, expected message) for the bad inputs every method must refuse with one line: missing, empty and
+    corrupt target folders, a missing checkpoint, a g_ema-only checkpoint."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    g_only = tmp_path / "g_ema_only.pt"
+    torch.save({"g_ema": torch.load(source, weights_only=False)["g_ema"]}, g_only)
+    return [
+        (["--source", source, "--target", str(tmp_path / "missing")], "target not found"),
+        (["--source", source, "--target", str(empty)], "no images"),
+        (["--source", source, "--target", str(corrupt)], "cannot read image"),
+        (["--source", str(tmp_path / "nope.pt"), "--target", target], "checkpoint not found"),
+        (["--source", str(g_only), "--target", target], "fine-tunes the source discriminator"),
+    ]
+
+
+def assert_cli_errors(script, cases, base):
+    """Each case run as `python <script> argv base` exits 2 with one stderr line `error: ...message...`."""
+    import subprocess
+    import sys
+
+    for args, message in cases:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *base], capture_output=True, text=True, cwd=ROOT)
+        stderr = result.stderr.strip()
+        assert result.returncode == 2, (args, stderr)
+        assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr

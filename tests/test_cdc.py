@@ -1,11 +1,10 @@
 """cdc.py: the distance-consistency loss against a direct double loop, and end-to-end tiny runs on CPU."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import assert_cli_errors, standard_bad_inputs
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -13,7 +12,6 @@ from PIL import Image
 import cdc
 from stylegan2 import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,39 +150,18 @@ def test_ablation_and_variant_flags(setup, flags):
         assert load_checkpoint(str(out / "g_ema_cdc_generate.pt"), require=("g_ema",))[0]["g_ema"].size == 32
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "cdc.py"), *args], capture_output=True, text=True, cwd=ROOT)
-    return result.returncode, result.stderr.strip()
-
-
 def test_bad_input_one_line_errors(setup, tmp_path):
     root, source, target = setup
     base = ["--device", "cpu", "--iter", "1", "--out", str(tmp_path / "out")]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
     small = tmp_path / "small"
     small.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(small / "a.png")
-    g_only = tmp_path / "g_ema_only.pt"
-    full = torch.load(source, weights_only=False)
-    torch.save({"g_ema": full["g_ema"]}, g_only)
     not_torch = tmp_path / "notes.pt"
     not_torch.write_text("hello")
-    cases = [
-        (["--source", source, "--target", str(tmp_path / "missing")], "target not found"),
-        (["--source", source, "--target", str(empty)], "no images"),
-        (["--source", source, "--target", str(corrupt)], "cannot read image"),
+    cases = standard_bad_inputs(tmp_path, source, target) + [
         (["--source", source, "--target", str(small)], "smaller than the generator's 32 px"),
-        (["--source", str(tmp_path / "nope.pt"), "--target", target], "checkpoint not found"),
         (["--source", str(not_torch), "--target", target], "not a PyTorch checkpoint"),
-        (["--source", str(g_only), "--target", target], "fine-tunes the source discriminator"),
         (["--source", source, "--target", target, "--batch", "6"], "multiple of 4"),
         (["--source", source, "--target", target, "--resume"], "no checkpoint"),
     ]
-    for args, message in cases:
-        code, stderr = run_cli(*args, *base)
-        assert code == 2, (args, stderr)
-        assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr
+    assert_cli_errors("cdc.py", cases, base)

@@ -2,11 +2,10 @@
 window schedule, pair count, KL reduction, zero loss, masked sampling) and end-to-end tiny runs on CPU."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import assert_cli_errors, standard_bad_inputs
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -15,7 +14,6 @@ import common
 import progressive_asc as pasc
 from stylegan2 import Generator, load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,32 +306,10 @@ def test_ablation_and_variant_flags(setup, flags):
     assert (max(r[3] for r in rows) == 0) == ("--no-idc" in flags)
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "progressive_asc.py"), *args], capture_output=True, text=True, cwd=ROOT)
-    return result.returncode, result.stderr.strip()
-
-
 def test_bad_input_one_line_errors(setup, tmp_path):
     root, source, target = setup
     base = ["--device", "cpu", "--iter", "1", "--out", str(tmp_path / "out")]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    g_only = tmp_path / "g_ema_only.pt"
-    full = torch.load(source, weights_only=False)
-    torch.save({"g_ema": full["g_ema"]}, g_only)
-    cases = [
-        (["--source", source, "--target", str(tmp_path / "missing")], "target not found"),
-        (["--source", source, "--target", str(empty)], "no images"),
-        (["--source", source, "--target", str(corrupt)], "cannot read image"),
-        (["--source", str(tmp_path / "nope.pt"), "--target", target], "checkpoint not found"),
-        (["--source", str(g_only), "--target", target], "fine-tunes the source discriminator"),
-    ]
-    for args, message in cases:
-        code, stderr = run_cli(*args, *base)
-        assert code == 2, (args, stderr)
-        assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr
+    cases = standard_bad_inputs(tmp_path, source, target)
+    assert_cli_errors("progressive_asc.py", cases, base)
     with pytest.raises(common.UserError, match="--asc-layers"):
         pasc.main(["--source", source, "--target", target, "--asc-layers", "1,99", *base])

@@ -2,11 +2,10 @@
 and end-to-end tiny runs on CPU (files, code cache, bit-for-bit resume, one-line errors)."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import assert_cli_errors, standard_bad_inputs
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -16,7 +15,6 @@ import rssa
 from common import UserError
 from stylegan2 import Generator, load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,29 +319,8 @@ def test_fix_and_ablation_flags(setup, shared_lpips, flags):
         assert float(rows[1][4]) > 0
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "rssa.py"), *args], capture_output=True, text=True, cwd=ROOT)
-    return result.returncode, result.stderr.strip()
-
-
 def test_bad_input_one_line_errors(setup, tmp_path):
     root, source, target = setup
     base = ["--device", "cpu", "--iter", "1", "--out", str(tmp_path / "out"), "--lpips-random-backbone"]
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    g_only = tmp_path / "g_ema_only.pt"
-    torch.save({"g_ema": torch.load(source, weights_only=False)["g_ema"]}, g_only)
-    cases = [
-        (["--source", source, "--target", str(tmp_path / "missing")], "target not found"),
-        (["--source", source, "--target", str(empty)], "no images"),
-        (["--source", source, "--target", str(corrupt)], "cannot read image"),
-        (["--source", str(tmp_path / "nope.pt"), "--target", target], "checkpoint not found"),
-        (["--source", str(g_only), "--target", target], "fine-tunes the source discriminator"),
-    ]
-    for args, message in cases:
-        code, stderr = run_cli(*args, *base)
-        assert code == 2, (args, stderr)
-        assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr
+    cases = standard_bad_inputs(tmp_path, source, target)
+    assert_cli_errors("rssa.py", cases, base)
