@@ -7,7 +7,6 @@ log.csv), atomic checkpoints with resume, and one-line user errors.
 """
 
 import csv
-import io
 import math
 import os
 import random
@@ -109,13 +108,10 @@ def list_images(path):
     return files
 
 
-def load_image(path, size, allow_upscale=False, jpeg_roundtrip=False):
-    """One image as uint8 [3, size, size]: RGB (alpha composited on white, greyscale expanded), shorter side
-    resized to `size` with LANCZOS, centre-cropped. jpeg_roundtrip re-encodes as JPEG quality 100 first, as
-    the official LMDB preparation does."""
+def open_rgb(path):
+    """A PIL RGB image: alpha composited on white, greyscale / palette expanded; one-line UserError when the
+    file cannot be read."""
     from PIL import Image
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as opened:
@@ -125,10 +121,19 @@ def load_image(path, size, allow_upscale=False, jpeg_roundtrip=False):
                 rgba = image.convert("RGBA")
                 image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image.alpha_composite(rgba)
-            image = image.convert("RGB")
+            return image.convert("RGB")
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot read image {path}: {reason}") from None
+
+
+def load_image(path, size, allow_upscale=False):
+    """One image as uint8 [3, size, size]: RGB (alpha composited on white, greyscale expanded), shorter side
+    resized to `size` with LANCZOS, centre-cropped."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    image = open_rgb(path)
     if min(image.size) < size and not allow_upscale:
         raise UserError(
             f"image {path} is {image.size[0]}x{image.size[1]} px, smaller than the generator's {size} px "
@@ -136,10 +141,6 @@ def load_image(path, size, allow_upscale=False, jpeg_roundtrip=False):
         )
     image = TF.resize(image, size, interpolation=InterpolationMode.LANCZOS)
     image = TF.center_crop(image, size)
-    if jpeg_roundtrip:
-        buffer = io.BytesIO()
-        image.save(buffer, format="jpeg", quality=100)
-        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [3, H, W]
 
@@ -147,10 +148,10 @@ def load_image(path, size, allow_upscale=False, jpeg_roundtrip=False):
 class ImageFolder:
     """The few-shot target set, decoded once and held in memory as uint8 [N, 3, size, size]."""
 
-    def __init__(self, path, size, allow_upscale=False, jpeg_roundtrip=False):
+    def __init__(self, path, size, allow_upscale=False):
         self.files = list_images(path)
         self.size = size
-        self.images = torch.stack([load_image(f, size, allow_upscale, jpeg_roundtrip) for f in self.files])
+        self.images = torch.stack([load_image(f, size, allow_upscale) for f in self.files])
 
     def __len__(self):
         return len(self.files)

@@ -436,20 +436,11 @@ def e4e_input(x, size, antialias=True):
 def load_reference(path, resolution):
     """CLIP's PIL preprocessing of a reference: alpha on white, shorter side to `resolution` (bicubic,
     antialiased), centre crop, normalisation -> [1, 3, resolution, resolution]."""
-    from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = opened.convert("RGBA")
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"cannot read image {path}: {reason}") from None
-    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    white.alpha_composite(image)
-    image = TF.center_crop(TF.resize(white.convert("RGB"), resolution, interpolation=InterpolationMode.BICUBIC), resolution)
+    image = common.open_rgb(path)  # alpha on white
+    image = TF.center_crop(TF.resize(image, resolution, interpolation=InterpolationMode.BICUBIC), resolution)
     x = TF.to_tensor(image)[None]  # [1, 3, R, R] in [0, 1]
     return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
