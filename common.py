@@ -23,6 +23,11 @@ from stylegan2 import CheckpointError, ConvLayer
 # parameter EMA of the generator: 0.5 ** (32 / 10000), a half-life of 10k images at batch 32 (rosinality, CDC)
 EMA_DECAY = 0.5 ** (32 / 10000)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# the built-in demo (demo/): a toy-face StyleGAN2 and ten pencil sketches of toy faces, used when a method
+# runs with neither --source nor --target
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_SOURCE = os.path.join(DEMO_DIR, "source.pt")
+DEMO_TARGET = os.path.join(DEMO_DIR, "targets", "sketch")
 
 
 class UserError(Exception):
@@ -403,8 +408,8 @@ def add_common_args(parser, origin="official code", **defaults):
         out=None, iter=5002, batch=4, lr=0.002, seed=1, sample_every=500, save_every=1000, n_sample=25
     )
     d.update(defaults)
-    parser.add_argument("--source", required=True, help="source checkpoint in rosinality's format (g, g_ema, d)")
-    parser.add_argument("--target", required=True, help="folder of target images (png/jpg/jpeg/webp/bmp)")
+    parser.add_argument("--source", default=None, help="source checkpoint in rosinality's format (g, g_ema, d); without --source and --target: the demo")
+    parser.add_argument("--target", default=None, help="folder of target images (png/jpg/jpeg/webp/bmp); without --source and --target: the demo")
     parser.add_argument("--out", default=d["out"], help="run folder (default: runs/<method>-<target name>)")
     parser.add_argument("--iter", type=int, default=d["iter"], help=f"training iterations (default {d['iter']}: {origin})")
     parser.add_argument("--batch", type=int, default=d["batch"], help=f"batch size (default {d['batch']}: {origin})")
@@ -416,6 +421,26 @@ def add_common_args(parser, origin="official code", **defaults):
     parser.add_argument("--n-sample", type=int, default=d["n_sample"], help=f"images per sample grid (default {d['n_sample']}: {origin}, n_sample)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from a checkpoint: a path, or no value for the run folder's latest")
     return parser
+
+
+def parse_args_or_demo(parser, argv, method, target=DEMO_TARGET, **demo_defaults):
+    """parser.parse_args, except that with neither --source nor --target the run is the built-in demo: the
+    shipped toy-face source, `target`, and `demo_defaults` (iterations, cadence, ...) in place of the
+    method's defaults; options given on the command line still win. args.demo says which it was."""
+    args = parser.parse_args(argv)
+    args.demo = args.source is None and args.target is None
+    if not args.demo:
+        if args.source is None or args.target is None:
+            raise UserError("give both --source and --target (or neither, to run the built-in demo)")
+        return args
+    if not os.path.exists(DEMO_SOURCE):
+        raise UserError(f"the demo's source checkpoint {DEMO_SOURCE} is missing; rebuild it with: python -m demo.pretrain_source")
+    parser.set_defaults(source=DEMO_SOURCE, target=target, out=os.path.join("runs", f"{method}-demo"), **demo_defaults)
+    args = parser.parse_args(argv)
+    args.demo = True
+    print(f"demo: no --source/--target given, so adapting the shipped toy-face StyleGAN2 ({os.path.relpath(DEMO_SOURCE)}, 32 px) "
+          f"to {os.path.relpath(target)} for {args.iter} iterations into {args.out} (README, 'Demo')", file=sys.stderr)
+    return args
 
 
 def check_common_args(args):
@@ -638,7 +663,7 @@ def progress_bar(start, total):
 
 
 def format_losses(values):
-    return " ".join(f"{k} {float(v):.4g}" for k, v in values.items())
+    return " ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in values.items())
 
 
 def args_to_dict(args):

@@ -103,7 +103,8 @@ def parse_args(argv=None):
     parser.add_argument("--g-reg-every", type=int, default=4,
                         help="lazy-regularisation scaling of Adam kept from StyleGAN2 (lr 0.0016, betas (0, 0.992)) though no regulariser runs (default 4: official)")
     parser.add_argument("--sample-truncation", type=float, default=0.5, help="truncation psi of the sample grids (default 0.5: official train.py)")
-    args = parser.parse_args(argv)
+    args = common.parse_args_or_demo(parser, argv, "difa", target=os.path.join(common.DEMO_TARGET, "00.png"),
+                                     iter=301, psp_model_weight=0.0, clip_mean_samples=1000)
     common.check_common_args(args)
     args.clip_models = [m.strip() for m in args.clip_models.split(",") if m.strip()]
     args.clip_model_weights = [float(c) for c in args.clip_model_weights.split(",")]

@@ -112,7 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability on non-anchor iterations (default 0.9: official code)")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official: loaded when present)")
-    args = parser.parse_args(argv)
+    args = common.parse_args_or_demo(parser, argv, "progressive_asc", iter=600, sample_every=100, save_every=300, n_sample=16)
     common.check_common_args(args)
     common.check_discriminator_batch(args.batch)
     if args.feat_const_batch < 3:

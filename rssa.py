@@ -135,7 +135,8 @@ def parse_args(argv=None):
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present)")
     parser.set_defaults(iter=None)  # None: the preset's
-    args = parser.parse_args(argv)
+    args = common.parse_args_or_demo(parser, argv, "rssa", iter=600, sample_every=100, save_every=300, n_sample=16,
+                                     invert_steps=500)
     blend_table, preset_iter = PRESETS[args.preset]
     args.iter = preset_iter if args.iter is None else args.iter
     args.blend = args.blend or blend_table
