@@ -71,7 +71,7 @@ def run_method(name, args, out):
     """Train one method in demo mode in a subprocess; returns (seconds, iterations, error line or None)."""
     script, extra = METHODS[name]
     target = os.path.join(common.DEMO_DIR, "targets", args.style)
-    command = [sys.executable, os.path.join(ROOT, script), "--out", out, "--seed", str(args.seed), "--device", args.device]
+    command = [sys.executable, os.path.join(ROOT, script), *extra, "--out", out, "--seed", str(args.seed), "--device", args.device]
     if args.style != "sketch":  # the demo's default target is the sketch set; another style needs both paths
         command += ["--source", common.DEMO_SOURCE, "--target", os.path.join(target, "00.png") if name == "difa" else target]
     if args.iter is not None:
