@@ -85,7 +85,7 @@ def parse_args(argv=None):
                         help="also write <out>/g_ema_cdc_generate.pt with DataParallel's module. prefix, the form the official generate.py's --ckpt_target expects")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official: loaded when present)")
-    args = common.parse_args_or_demo(parser, argv, "cdc", iter=600, sample_every=100, save_every=300, n_sample=16)
+    args = common.parse_args_or_demo(parser, argv, "cdc", **common.DEMO_SCHEDULE)
     common.check_common_args(args)
     common.check_discriminator_batch(args.batch)
     if args.feat_const_batch < 3:

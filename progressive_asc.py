@@ -36,6 +36,9 @@ paper, this file follows the code (the values of run_train.sh where its flags di
                              2 or 4 points on ~1% of boxes through float32 rounding)
 Ablations: --no-flow (aligned positions, no mask), --no-pred (uniform p), --no-cutoff, --asc-ref / --idc-ref
 source (the frozen G_s as reference, the code without --use_ema / --use_rel_ema), --no-asc, --no-idc.
+Speed at the cost of faithfulness (off by default): --asc-latents shared computes L_asc on L_idc's latents (the
+spec's optional fusion), saving one G_n forward + backward and one G_{n-alpha} forward per iteration; the two
+terms then see the same z instead of independent draws.
 Not reproduced (no effect on the values): g_ema's ASC forward with gradients (here no_grad), the per-point
 Python loop with host syncs (here one roi_align per layer), the sequential per-image flow (here a thread
 pool on a GPU), unseeded NumPy and the random sigma draw of transforms.GaussianBlur (here every draw is from torch's
@@ -98,6 +101,9 @@ def parse_args(argv=None):
                         help="grey conversion of the flow input: bgr = COLOR_BGR2GRAY on RGB data, official code (default); rgb = COLOR_RGB2GRAY")
     parser.add_argument("--asc-sampler", choices=["roi_align", "grid_sample"], default="roi_align",
                         help="reading G_n at p + M(p): roi_align on a 1x1 box, official code (default); grid_sample, plain bilinear (paper)")
+    parser.add_argument("--asc-latents", choices=["fresh", "shared"], default="fresh",
+                        help="fresh: L_asc on its own batch z ~ N(0, I), official code (default); shared: L_asc reuses L_idc's latents "
+                             "and forwards, one G_n and one G_{n-alpha} forward fewer per iteration (faster, NOT the official sampling)")
     # METHOD: relaxed realism (anchors + patch discriminator), as CDC
     parser.add_argument("--subspace-freq", type=int, default=4, help="anchor iteration every k iterations (default 4: official code)")
     parser.add_argument("--subspace-std", type=float, default=0.1, help="sigma of the anchor regions (default 0.1: official code)")
@@ -112,7 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability on non-anchor iterations (default 0.9: official code)")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official: loaded when present)")
-    args = common.parse_args_or_demo(parser, argv, "progressive_asc", iter=600, sample_every=100, save_every=300, n_sample=16)
+    args = common.parse_args_or_demo(parser, argv, "progressive_asc", **common.DEMO_SCHEDULE)
     common.check_common_args(args)
     common.check_discriminator_batch(args.batch)
     if args.feat_const_batch < 3:
@@ -121,6 +127,8 @@ def parse_args(argv=None):
         raise UserError("--subspace-freq must be >= 1 and --highp in 1..4")
     if not 0 <= args.cutoff <= 1 or args.blur < 0 or (args.blur and args.blur % 2 == 0) or args.winsize < 1 or args.winsize_inc < 1:
         raise UserError("--cutoff must be in [0, 1], --blur 0 or odd, --winsize >= 1 and --winsize-inc >= 1")
+    if args.asc_latents == "shared" and (args.no_asc or args.no_idc or args.asc_ref != args.idc_ref):
+        raise UserError("--asc-latents shared needs both L_asc and L_idc, with the same reference (--asc-ref = --idc-ref)")
     if args.out is None:
         args.out = common.default_out_dir("progressive_asc", args.target)
     return args
@@ -508,14 +516,18 @@ def main(argv=None):
             # METHOD: instance-level distance consistency against G_{n-alpha} on a fresh batch z ~ N(0, I)
             dist_loss = torch.zeros((), device=device)
             if not args.no_idc:
-                z = torch.randn(args.feat_const_batch, latent_dim, device=device)  # [N, D]
+                if args.asc_latents == "fresh":
+                    z = torch.randn(args.feat_const_batch, latent_dim, device=device)  # [N, D]
                 # one layer per anchor row, uniform in {1, ..., n_latent - 2}
                 layer_idx = torch.randint(1, n_latent - 1, (args.feat_const_batch,))  # [N], on the CPU: no device sync
-                # both generators stop at the deepest layer used (the official code also renders the image)
-                deepest = int(layer_idx.max())
-                with torch.no_grad():
-                    _, feats_src = idc_ref([z], return_feats=True, feats_upto=deepest)
-                _, feats_tgt = generator([z], return_feats=True, feats_upto=deepest)
+                if args.asc_latents == "shared":  # the ASC forwards already hold every layer of G_{n-alpha}(z) and G_n(z)
+                    feats_src, feats_tgt = feats_ref_asc, feats_cur_asc
+                else:
+                    # both generators stop at the deepest layer used (the official code also renders the image)
+                    deepest = int(layer_idx.max())
+                    with torch.no_grad():
+                        _, feats_src = idc_ref([z], return_feats=True, feats_upto=deepest)
+                    _, feats_tgt = generator([z], return_feats=True, feats_upto=deepest)
                 dist_loss = distance_consistency_loss(feats_src, feats_tgt, layer_idx)
             # METHOD: align-free spatial correlation (6)-(9)
             if not args.no_asc:

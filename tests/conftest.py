@@ -80,12 +80,14 @@ def standard_bad_inputs(tmp_path, source, target):
 
 
 def assert_cli_errors(script, cases, base):
-    """Each case run as `python <script> argv base` exits 2 with one stderr line `error: ...message...`."""
+    """Each case run as `python <script> argv base` exits 2 with one stderr line `error: ...message...`.
+    The cases run as concurrent processes: each is mostly a single-threaded interpreter start-up."""
     import subprocess
     import sys
 
-    for args, message in cases:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *base], capture_output=True, text=True, cwd=ROOT)
-        stderr = result.stderr.strip()
-        assert result.returncode == 2, (args, stderr)
+    processes = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, *base], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT) for args, _ in cases]
+    for (args, message), process in zip(cases, processes):
+        stderr = process.communicate()[1].strip()
+        assert process.returncode == 2, (args, stderr)
         assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr

@@ -306,6 +306,33 @@ def test_ablation_and_variant_flags(setup, flags):
     assert (max(r[3] for r in rows) == 0) == ("--no-idc" in flags)
 
 
+def test_shared_latents_save_two_generator_forwards_per_iteration(setup, monkeypatch):
+    import stylegan2
+
+    root, source, target = setup
+    calls = []
+    forward = stylegan2.Generator.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(kwargs.get("return_feats", False))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(stylegan2.Generator, "forward", counting_forward)
+    counts = {}
+    for mode in ("fresh", "shared"):
+        calls.clear()
+        out = root / f"latents-{mode}"
+        run_asc(source, target, out, "--iter", "3", "--sample-every", "100", "--save-every", "100", "--asc-latents", mode)
+        counts[mode] = (len(calls), sum(calls))
+        _, rows = log_rows(out)
+        assert all(r[3] > 0 and r[4] > 0 for r in rows)  # L_idc and L_asc both active
+    # per iteration: the official sampling runs G_n and G_{n-alpha} on the ASC batch and again on the IDC batch
+    assert counts["fresh"][0] - counts["shared"][0] == 2 * 3
+    assert counts["fresh"][1] == 4 * 3 and counts["shared"][1] == 2 * 3
+    with pytest.raises(common.UserError, match="--asc-latents shared needs"):
+        pasc.parse_args(["--source", "s", "--target", "t", "--asc-latents", "shared", "--no-idc"])
+
+
 def test_bad_input_one_line_errors(setup, tmp_path):
     root, source, target = setup
     base = ["--device", "cpu", "--iter", "1", "--out", str(tmp_path / "out")]
