@@ -6,6 +6,7 @@ one full GAN step (D step + G step, as in rosinality's train.py without the lazy
     python bench.py --size 64 --reference /path/to/stylegan2-pytorch   # also rosinality's model.py, same weights
     python bench.py --size 64 --method cdc                   # seconds per training iteration of cdc.py
     python bench.py --size 64 --method rssa --method-args "--invert-steps 2 --lpips-random-backbone"
+    python bench.py --size 64 --asc-parts                    # the parts of progressive_asc.py's L_asc
 
 Prints seconds (median of --repeat runs after one warm-up), it/s and peak memory (CUDA: max allocated;
 CPU: the process's peak resident set size so far). `--form` times one modulated-conv form instead of "auto".
@@ -143,6 +144,56 @@ def benchmark_method(args, device):
     print(f"peak memory {peak_memory_mb(device):.0f} MB")
 
 
+def benchmark_asc_parts(args, device):
+    """Milliseconds of the parts of progressive_asc.py's L_asc for one batch of --batch latents: the Farneback
+    flow (CPU; inline, and in a thread pool as on a GPU), the ASC-specific tensor work (edge map, sampling,
+    one roi_align per layer, softmax and KL, and its backward into the features), and the generator passes
+    that the official sampling adds for its own latents (G_{n-alpha} forward without grad, G_n forward with
+    backward from the ASC layers)."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    import progressive_asc as pasc
+
+    torch.manual_seed(0)
+    g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier).to(device)
+    g_ema = copy.deepcopy(g).requires_grad_(False)
+    z = torch.randn(args.batch, g.style_dim, device=device)  # [B, D]
+    layers = pasc.default_asc_layers(g)
+    with torch.no_grad():
+        img_ref, feats_ref = g_ema([z], return_feats=True)
+        img_cur, feats_cur = g([z], return_feats=True)
+    leaves = [f.requires_grad_() for f in feats_cur]
+    flow = pasc.farneback_flow(img_ref, img_cur, 16)  # [B, 2, H, W]
+
+    def asc_tensor_work():
+        edges = pasc.edge_map(img_cur)  # [B, 1, H, W]
+        sim_ref, sim_cur, _ = pasc.asc_similarities(feats_ref, leaves, edges, flow, layers, g.size)
+        pasc.asc_kl(sim_ref, sim_cur).backward()
+
+    def ema_forward():
+        with torch.no_grad():
+            g_ema([z], return_feats=True)
+
+    def g_forward_backward():
+        g.zero_grad(set_to_none=True)
+        _, feats = g([z], return_feats=True)
+        sum(feats[layer].mean() for layer in layers).backward()
+
+    with ThreadPoolExecutor(max_workers=args.batch) as pool:
+        rows = {
+            "flow, inline": timed(lambda: pasc.farneback_flow(img_ref, img_cur, 16), device, args.repeat),
+            "flow, thread pool": timed(lambda: pasc.farneback_flow(img_ref, img_cur, 16, pool=pool), device, args.repeat),
+            "ASC tensor work": timed(asc_tensor_work, device, args.repeat),
+            "G_ema forward": timed(ema_forward, device, args.repeat),
+            "G fwd+bwd (ASC layers)": timed(g_forward_backward, device, args.repeat),
+        }
+    print(f"progressive_asc.py L_asc parts: size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, "
+          f"device {device}, threads {torch.get_num_threads()}, {len(layers)} layers, torch {torch.__version__}")
+    for name, seconds in rows.items():
+        print(f"{name:24s}{seconds * 1000:10.1f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
@@ -155,6 +206,7 @@ def main():
     parser.add_argument("--reference", default=None, help="path of a rosinality/stylegan2-pytorch checkout to time too")
     parser.add_argument("--method", default=None, help="time training iterations of this method file instead (e.g. cdc)")
     parser.add_argument("--method-args", default="", help="extra arguments for the method file, as one string")
+    parser.add_argument("--asc-parts", action="store_true", help="time the parts of progressive_asc.py's L_asc instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,6 +214,8 @@ def main():
 
     if args.method:
         return benchmark_method(args, device)
+    if args.asc_parts:
+        return benchmark_asc_parts(args, device)
 
     torch.manual_seed(0)
     g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier).to(device)

@@ -117,8 +117,14 @@ def load_is_inception(device, random_weights=False):
 
 
 def load_generator(path, device):
-    """The g_ema of a checkpoint, in eval mode."""
-    return load_checkpoint(path, require=("g_ema",), device=device)[0]["g_ema"]
+    """The g_ema of a checkpoint, in eval mode; for an RSSA checkpoint that holds its target codes, g_ema behind
+    RSSA's latent compression P (rssa.CompressedGenerator), since P is part of RSSA's adapted model."""
+    models, raw = load_checkpoint(path, require=("g_ema",), device=device)
+    if raw.get("latent_codes") is not None and raw.get("blend") is not None:
+        from rssa import CompressedGenerator
+
+        return CompressedGenerator(models["g_ema"], raw["latent_codes"].to(device), raw["blend"].to(device)).eval()
+    return models["g_ema"]
 
 
 def to_uint8(images):

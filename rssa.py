@@ -316,6 +316,32 @@ def latents_wplus(g, zs, projectors, blend):
     return torch.cat([ws[0][:, :k], ws[1][:, k:]], 1)  # [B, L, D]
 
 
+class CompressedGenerator(torch.nn.Module):
+    """An adapted RSSA generator as the official generate.py samples it, with P in front: z -> P(g.style(z)) ->
+    g(input_is_latent=True). P is part of the adapted model (spec: used at inference), so evaluate.py and the
+    demo testbed wrap an RSSA checkpoint's g_ema in this when the checkpoint holds target codes. Called like a
+    Generator with z lists (two: W+ mixing after P, as in training); truncation acts on P(w)."""
+
+    def __init__(self, g, codes, blend):
+        super().__init__()
+        self.g = g
+        self.register_buffer("projectors", span_projectors(codes))  # [n_latent, D, D]
+        self.register_buffer("blend", blend)  # [n_latent]
+        self.size, self.style_dim, self.n_latent, self.num_layers = g.size, g.style_dim, g.n_latent, g.num_layers
+
+    @property
+    def noises(self):
+        return self.g.noises
+
+    def mean_latent(self, n):
+        return self.g.mean_latent(n)
+
+    def forward(self, styles, input_is_latent=False, **kwargs):
+        if not input_is_latent:
+            styles = [latents_wplus(self.g, styles, self.projectors, self.blend)]  # [B, n_latent, D]
+        return self.g(styles, input_is_latent=True, **kwargs)
+
+
 def invert(g, images, lpips_fn, steps, lr):
     """W+ codes of `images` [N, 3, H, W] in [-1, 1] under g, the official optimisation (invert_gan.py):
     w started at w_avg in every slot, Adam(lr, betas (0.9, 0.999)) halved every 1000 steps, fixed noise,

@@ -15,8 +15,9 @@ with the same noise, and the toy network (demo/toynet.py) scores them:
     s/iter    wall time of the whole run (set-up such as RSSA's inversion included) per iteration, this machine
 
 Rows "source" (no adaptation) and "target renders" (another 1000 renders: the floor of FD, the diversity of
-the real distribution) frame the numbers. Writes <out>/results.md and <out>/comparison.png (rows: source,
-then each method, the same ten latents in every row).
+the real distribution) frame the numbers. Writes <out>/results.md, <out>/comparison.png (rows: source,
+then each method, the same ten latents in every row) and <out>/samples_<method>.png (each run's last sample
+grid: source left, adapted right).
 """
 
 import argparse
@@ -36,6 +37,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from demo import toyfaces  # noqa: E402
 from demo.toynet import frechet_distance, geometry_error, intra_cluster_diversity, load_toynet, toy_outputs  # noqa: E402
+from evaluate import load_generator  # noqa: E402
 from stylegan2 import load_checkpoint  # noqa: E402
 
 # name -> (script, extra arguments); "finetune" is CDC's loop with L_dist off and an image-level D on every
@@ -118,6 +120,13 @@ def labelled_rows(rows, scale=3):
     return np.concatenate(strips, 0)
 
 
+def last_sample_grid(run, scale=2):
+    """The run's last source-vs-adapted sample grid (BGR), upscaled (nearest) for viewing."""
+    names = sorted(n for n in os.listdir(run.samples) if n[:-4].isdigit())
+    grid = cv2.imread(os.path.join(run.samples, names[-1]))
+    return cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+
+
 def markdown(rows, columns):
     head = "| run | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
     body = ""
@@ -125,7 +134,10 @@ def markdown(rows, columns):
         cells = []
         for column in columns:
             value = values.get(column)
-            cells.append(value if isinstance(value, str) else "" if value is None or value != value else f"{value:.3g}")
+            if isinstance(value, (str, int)):
+                cells.append(str(value))
+            else:
+                cells.append("" if value is None or value != value else f"{value:.3g}")
         body += f"| {name} | " + " | ".join(cells) + " |\n"
     return head + body
 
@@ -148,6 +160,7 @@ def main(argv=None):
                                       target_feats, train_feats, style_index)),
              ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index))]
     figure = [("source", source_images[:10])]
+    grids = {}
     for name in args.methods:
         out = os.path.join(args.work_dir, f"{name}-{args.style}")
         timing = os.path.join(out, "testbed.json")
@@ -162,20 +175,25 @@ def main(argv=None):
                     json.dump([seconds, iters], f)
         if error is not None:
             print(f"testbed: {name} did not run: {error}", file=sys.stderr)
-            table.append((name, {"FD": f"did not run: {error[:120]}"}))
+            table.append((name, {"FD": "did not run (see the testbed's output)"}))
             continue
-        adapted = load_checkpoint(common.RunDir(out).latest_checkpoint(), require=("g_ema",), device=device)[0]["g_ema"]
+        run = common.RunDir(out)
+        adapted = load_generator(run.latest_checkpoint(), device)  # RSSA: g_ema behind its P, as RSSA samples
         adapted_images = draw(adapted, z)
         values = score(net, adapted_images, source_geometry, target_feats, train_feats, style_index)
-        values.update({"iters": float(iters), "s/iter": seconds / max(iters, 1)})
+        values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})
         table.append((name, values))
         figure.append((name, adapted_images[:10]))
+        grids[name] = last_sample_grid(run)
         print(f"testbed: {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
     text = markdown(table, ["FD", "IC-div", "geom err", "p(target)", "iters", "s/iter"])
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
-    cv2.imwrite(os.path.join(args.out, "comparison.png"), labelled_rows(figure)[..., ::-1])
+    png = [cv2.IMWRITE_PNG_COMPRESSION, 9]
+    cv2.imwrite(os.path.join(args.out, "comparison.png"), labelled_rows(figure)[..., ::-1], png)
+    for name, grid in grids.items():
+        cv2.imwrite(os.path.join(args.out, f"samples_{name}.png"), grid, png)
     print(text)
 
 

@@ -274,6 +274,21 @@ def test_end_to_end_files_cache_and_checkpoint(setup, shared_lpips, capsys):
     source_g = load_checkpoint(source)[0]["g_ema"]
     changed = [not torch.equal(a, b) for a, b in zip(source_g.state_dict().values(), models["g"].state_dict().values())]
     assert any(changed)
+    # evaluate.py (and the testbed) sample the adapted model as RSSA does: g_ema behind P
+    import evaluate
+
+    adapted = evaluate.load_generator(path, "cpu")
+    assert isinstance(adapted, rssa.CompressedGenerator) and adapted.size == 32 and adapted.style_dim == 16
+    z = torch.randn(3, 16)
+    noise = [getattr(models["g_ema"].noises, f"noise_{k}") for k in range(models["g_ema"].num_layers)]
+    projectors = rssa.span_projectors(raw["latent_codes"])
+    with torch.no_grad():
+        w_plus = rssa.compress_latents(models["g_ema"].style(z), projectors, raw["blend"])  # [3, n_latent, D]
+        expected = models["g_ema"]([w_plus], input_is_latent=True, noise=noise)[0]
+        without_p = models["g_ema"]([z], noise=noise)[0]
+    images = evaluate.generate(adapted, z, 2, noise=noise).float()
+    assert (images - evaluate.to_uint8(expected).float()).abs().max() <= 1
+    assert (images - evaluate.to_uint8(without_p).float()).abs().mean() > 1
     # a second run in the same folder reuses the codes; other settings need --reinvert
     capsys.readouterr()
     run_rssa(source, target, out, "--iter", "1")
@@ -315,6 +330,10 @@ def test_fix_and_ablation_flags(setup, shared_lpips, flags):
     rows = [r.split(",") for r in open(out / "log.csv").read().split()[1:]]
     assert (float(rows[1][3]) > 0) == ("--no-scc" not in flags)  # iteration 1 (at 0, G_t = G_s)
     assert os.path.exists(out / "target_codes.pt") == ("--no-compress" not in flags)
+    import evaluate
+
+    adapted = evaluate.load_generator(str(out / "checkpoints" / "000002.pt"), "cpu")
+    assert isinstance(adapted, rssa.CompressedGenerator) == ("--no-compress" not in flags)
     if "--no-scc" in flags:  # without L_scc the official code runs L_dcc on every iteration
         assert float(rows[1][4]) > 0
 
