@@ -123,14 +123,16 @@ def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(t
     iters = "400"
     runs = {"cdc": [], "finetune": ["--no-dist", "--adv", "image"]}
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    processes = {
-        name: subprocess.Popen([sys.executable, os.path.join(ROOT, "cdc.py"), *flags, "--iter", iters, "--save-every", iters,
-                                "--sample-every", "100000", "--device", "cpu", "--out", str(tmp_path / name)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for name, flags in runs.items()
-    }
+    processes = {}
+    for name, flags in runs.items():
+        with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe: the progress bar would fill a pipe
+            processes[name] = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "cdc.py"), *flags, "--iter", iters, "--save-every", iters,
+                 "--sample-every", "100000", "--device", "cpu", "--out", str(tmp_path / name)],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     for name, process in processes.items():
-        stderr = process.communicate()[1]
+        process.wait()
+        stderr = (tmp_path / f"{name}.log").read_text()
         assert process.returncode == 0, stderr[-2000:]
         assert "demo: no --source/--target given" in stderr
 
