@@ -135,8 +135,7 @@ def parse_args(argv=None):
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present)")
     parser.set_defaults(iter=None)  # None: the preset's
-    args = common.parse_args_or_demo(parser, argv, "rssa", **common.DEMO_SCHEDULE,
-                                     invert_steps=500)
+    args = common.parse_args_or_demo(parser, argv, "rssa", **common.DEMO_SCHEDULE, invert_steps=500)
     blend_table, preset_iter = PRESETS[args.preset]
     args.iter = preset_iter if args.iter is None else args.iter
     args.blend = args.blend or blend_table

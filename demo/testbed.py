@@ -98,6 +98,21 @@ def draw(g, z, batch=100):
     return torch.cat([g([z[i:i + batch]], randomize_noise=False)[0].clamp(-1, 1).cpu() for i in range(0, len(z), batch)])
 
 
+def reference(net, source, style, n_eval):
+    """What every run is scored against: latents z [N, D] (seed 2024) on the source's device, toy-network
+    embeddings of n_eval renders of `style` (unseen seeds) and of the ten training targets, the source's images
+    of z [N, 3, H, W] and their geometry [N, G]."""
+    z = torch.randn(n_eval, source.style_dim, generator=torch.Generator().manual_seed(2024))  # [N, D]
+    z = z.to(next(source.parameters()).device)
+    seeds = range(toyfaces.EVAL_SEED_START, toyfaces.EVAL_SEED_START + n_eval)
+    target_feats, _, _ = toy_outputs(net, toyfaces.render_batch(seeds, style, source.size))
+    train_images = torch.stack([torch.from_numpy(toyfaces.render_seed(s, style, source.size)) for s in toyfaces.TARGET_SEEDS])
+    train_feats, _, _ = toy_outputs(net, train_images.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    source_images = draw(source, z)
+    _, _, source_geometry = toy_outputs(net, source_images)
+    return z, target_feats, train_feats, source_images, source_geometry
+
+
 def score(net, images, source_geometry, target_feats, train_feats, style_index):
     feats, probs, geometry = toy_outputs(net, images)
     return {
@@ -148,13 +163,7 @@ def main(argv=None):
     net = load_toynet(device=device)
     style_index = toyfaces.STYLES.index(args.style)
     source = load_checkpoint(common.DEMO_SOURCE, require=("g_ema",), device=device)[0]["g_ema"]
-    z = torch.randn(args.n_eval, source.style_dim, generator=torch.Generator().manual_seed(2024)).to(device)  # [N, D]
-    seeds = range(toyfaces.EVAL_SEED_START, toyfaces.EVAL_SEED_START + args.n_eval)
-    target_feats, _, _ = toy_outputs(net, toyfaces.render_batch(seeds, args.style, source.size))
-    train_images = torch.stack([torch.from_numpy(toyfaces.render_seed(s, args.style, source.size)) for s in toyfaces.TARGET_SEEDS])
-    train_feats, _, _ = toy_outputs(net, train_images.permute(0, 3, 1, 2).float() / 127.5 - 1)
-    source_images = draw(source, z)
-    _, _, source_geometry = toy_outputs(net, source_images)
+    z, target_feats, train_feats, source_images, source_geometry = reference(net, source, args.style, args.n_eval)
     reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
     table = [("target renders", score(net, toyfaces.render_batch(reference_seeds, args.style, source.size), None,
                                       target_feats, train_feats, style_index)),

@@ -10,18 +10,13 @@ from PIL import Image
 import common
 from demo import toyfaces
 from demo.toynet import frechet_distance, geometry_error, load_toynet, toy_outputs
+from conftest import ROOT
 from stylegan2 import load_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def toynet():
     return load_toynet()
-
-
-def as_tensor(images):
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +113,7 @@ def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(t
     import subprocess
     import sys
 
-    from demo.testbed import draw, score
+    from demo.testbed import draw, reference, score
 
     iters = "400"
     runs = {"cdc": [], "finetune": ["--no-dist", "--adv", "image"]}
@@ -136,15 +131,9 @@ def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(t
         assert process.returncode == 0, stderr[-2000:]
         assert "demo: no --source/--target given" in stderr
 
-    n = 300
     style = toyfaces.STYLES.index("sketch")
     source = load_checkpoint(common.DEMO_SOURCE, require=("g_ema",))[0]["g_ema"]
-    z = torch.randn(n, source.style_dim, generator=torch.Generator().manual_seed(2024))  # [N, D]
-    seeds = range(toyfaces.EVAL_SEED_START, toyfaces.EVAL_SEED_START + n)
-    target_feats = toy_outputs(toynet, toyfaces.render_batch(seeds, "sketch", 32))[0]
-    train_feats = toy_outputs(toynet, as_tensor([toyfaces.render_seed(s, "sketch", 32) for s in toyfaces.TARGET_SEEDS]))[0]
-    source_images = draw(source, z)
-    source_geometry = toy_outputs(toynet, source_images)[2]
+    z, target_feats, train_feats, source_images, source_geometry = reference(toynet, source, "sketch", 300)
     before = score(toynet, source_images, source_geometry, target_feats, train_feats, style)
     after = {}
     for name in runs:
