@@ -82,9 +82,7 @@ def parse_args(argv=None):
         raise UserError("--con-batch must be at least 2 (each anchor needs one negative)")
     if args.tau <= 0 or not 1 <= args.highp <= 4:
         raise UserError("--tau must be positive and --highp in 1..4")
-    if args.out is None:
-        args.out = common.default_out_dir("c3", args.target)
-    return args
+    return common.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +190,7 @@ def main(argv=None):
         feature = discriminator.feature_maps(image, stop_after=patch_maps[index])[-1]  # [M, C, h, w]
         return feature.mean((2, 3)) if args.d_pool == "mean" else feature.flatten(1)  # [M, C] or [M, C*h*w]
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None)
+    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
     pbar = common.progress_bar(start, args.iter)
     with common.StopOnInterrupt() as interrupt:
@@ -273,7 +271,7 @@ def main(argv=None):
             if interrupt.requested:
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with --resume {path}")
+                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)

@@ -92,9 +92,7 @@ def parse_args(argv=None):
         raise UserError("--feat-const-batch must be at least 3 (each row needs two other samples to form a distribution)")
     if args.subspace_freq < 1 or not 1 <= args.highp <= 4:
         raise UserError("--subspace-freq must be >= 1 and --highp in 1..4")
-    if args.out is None:
-        args.out = common.default_out_dir("cdc", args.target)
-    return args
+    return common.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ def main(argv=None):
         common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
         common.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None)
+    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
     pbar = common.progress_bar(start, args.iter)
     with common.StopOnInterrupt() as interrupt:
@@ -324,7 +322,7 @@ def main(argv=None):
             if interrupt.requested:
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with --resume {path}")
+                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)

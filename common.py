@@ -6,6 +6,7 @@ parameter EMA, seeding and RNG state, the shared command line, the run folder (s
 log.csv), atomic checkpoints with resume, and one-line user errors.
 """
 
+import argparse
 import csv
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stylegan2 import CheckpointError, ConvLayer
+from stylegan2 import CheckpointError, ConvLayer, extra_config
 
 # parameter EMA of the generator: 0.5 ** (32 / 10000), a half-life of 10k images at batch 32 (rosinality, CDC)
 EMA_DECAY = 0.5 ** (32 / 10000)
@@ -423,37 +424,181 @@ def add_common_args(parser, origin="official code", **defaults):
     parser.add_argument("--sample-every", type=int, default=d["sample_every"], help=f"iterations between sample grids (default {d['sample_every']}: {origin}, img_freq)")
     parser.add_argument("--save-every", type=int, default=d["save_every"], help=f"iterations between checkpoints (default {d['save_every']}: {origin}, save_freq)")
     parser.add_argument("--n-sample", type=int, default=d["n_sample"], help=f"images per sample grid (default {d['n_sample']}: {origin}, n_sample)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from a checkpoint: a path, or no value for the run folder's latest")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="continue a run from a checkpoint path, or with no value from the latest checkpoint of --out (or of the "
+                             "default run folder); the run keeps its settings and its run folder (with --out DIR: continued in DIR, "
+                             "the original left untouched); --iter, --device, --sample-every and --save-every may change")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out folder that holds an earlier run (its log, samples and checkpoints are deleted first)")
     return parser
 
 
-def parse_args_or_demo(parser, argv, method, target=DEMO_TARGET, **demo_defaults):
+# options a resumed run may change; every other option keeps the value the run was started with
+RESUME_MAY_CHANGE = ("iter", "device", "sample_every", "save_every", "out", "resume", "overwrite")
+
+
+def explicit_options(parser, argv):
+    """{dest: value} of the options actually given in argv (defaults left out)."""
+    saved_defaults = parser._defaults
+    saved = [(action, action.default) for action in parser._actions]
+    parser._defaults = {}
+    for action, _ in saved:
+        action.default = argparse.SUPPRESS
+    try:
+        return vars(parser.parse_args(argv))
+    finally:
+        parser._defaults = saved_defaults
+        for action, default in saved:
+            action.default = default
+
+
+def parse_args_or_demo(parser, argv, method, target=DEMO_TARGET, path_options=(), run_name=None, **demo_defaults):
     """parser.parse_args, except that with neither --source nor --target the run is the built-in demo: the
     shipped toy-face source, `target`, and `demo_defaults` (iterations, cadence, ...) in place of the
-    method's defaults; options given on the command line still win. args.demo says which it was."""
+    method's defaults; options given on the command line still win. args.demo says which it was.
+
+    With --resume the run continues with the settings it was started with (read from the checkpoint), so
+    `python <method>.py --resume PATH` works from any folder; see `resume_args`. Paths (--source, --target and
+    the method's `path_options`, comma lists included) become absolute. Nothing is printed or created here:
+    `finish_args` does that once the method has validated its options. `run_name(args)` names the default run
+    folders (runs/<name>-<target>, runs/<name>-demo; default: the method), e.g. by a --baseline choice."""
     args = parser.parse_args(argv)
+    args.run_name = run_name(args) if run_name else method
+    if args.resume is not None:
+        return resume_args(parser, argv, args, method)
     args.demo = args.source is None and args.target is None
-    if not args.demo:
-        if args.source is None or args.target is None:
-            raise UserError("give both --source and --target (or neither, to run the built-in demo)")
-        return args
-    if not os.path.exists(DEMO_SOURCE):
-        raise UserError(f"the demo's source checkpoint {DEMO_SOURCE} is missing; rebuild it with: python -m demo.pretrain_source")
-    parser.set_defaults(source=DEMO_SOURCE, target=target, out=os.path.join("runs", f"{method}-demo"), **demo_defaults)
-    args = parser.parse_args(argv)
-    args.demo = True
-    print(f"demo: no --source/--target given, so adapting the shipped toy-face StyleGAN2 ({os.path.relpath(DEMO_SOURCE)}, 32 px) "
-          f"to {os.path.relpath(target)} for {args.iter} iterations into {args.out} (README, 'Demo')", file=sys.stderr)
+    if args.demo:
+        if not os.path.exists(DEMO_SOURCE):
+            raise UserError(f"the demo's source checkpoint {DEMO_SOURCE} is missing; rebuild it with: python -m demo.pretrain_source")
+        parser.set_defaults(source=DEMO_SOURCE, target=target, **demo_defaults)
+        args = parser.parse_args(argv)
+        args.demo = True
+        args.run_name = run_name(args) if run_name else method
+    elif args.source is None or args.target is None:
+        raise UserError("give both --source and --target (or neither, to run the built-in demo)")
+    args.method = method
+    _absolute_paths(args, ("source", "target", *path_options))
+    # the options as parsed, before a method derives anything from them: what a resumed run starts from
+    args.run_args = dict(args_to_dict(args), path_options=",".join(path_options))
     return args
+
+
+def _absolute_paths(args, names):
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, ",".join(os.path.abspath(p) if p else p for p in value.split(",")))
+
+
+def checkpoint_run_folder(path):
+    """The run folder a checkpoint belongs to (<run>/checkpoints/NNNNNN.pt -> <run>), else None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+
+
+def holds_run(folder):
+    """True when `folder` holds a run's log or checkpoints (caches and empty folders do not count)."""
+    checkpoints = os.path.join(folder, "checkpoints")
+    return os.path.exists(os.path.join(folder, "log.csv")) or (
+        os.path.isdir(checkpoints) and any(n.endswith(".pt") for n in os.listdir(checkpoints)))
+
+
+def _same_path(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def resume_args(parser, argv, args, method):
+    """The options of a resumed run: those stored in the checkpoint (`run_args`), then the options given now
+    that a resumed run may change (RESUME_MAY_CHANGE); any other option given with a different value is an
+    error. The run folder is the checkpoint's own (<run>/checkpoints/x.pt -> <run>), or an explicit --out,
+    which then gets a copy of the log so far and leaves the original run untouched."""
+    given = explicit_options(parser, argv)
+    folder = args.out
+    if args.resume == "auto" and folder is None:
+        if args.source is None and args.target is None:
+            folder = os.path.join("runs", f"{args.run_name}-demo")
+        elif args.source is None or args.target is None:
+            raise UserError("give both --source and --target (or neither, for the demo), or --resume with a checkpoint path")
+        else:
+            folder = default_out_dir(args.run_name, args.target)
+    path = os.path.abspath(resolve_resume(args.resume, RunDir(folder or ".")))
+    state = load_training_checkpoint(path)
+    stored = state.get("run_args")
+    if stored is None:
+        raise UserError(f"{path} was written before checkpoints recorded their run's settings; start a new run")
+    if stored.get("method") != method:
+        raise UserError(f"{path} is a {stored.get('method')}.py checkpoint; resume it with {stored.get('method')}.py")
+    values = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    values.update(stored)
+    path_options = ("source", "target", *stored.get("path_options", "").split(","))
+    for name, value in given.items():
+        if name in RESUME_MAY_CHANGE:
+            values[name] = value
+            continue
+        old = values.get(name)
+        if name in path_options and isinstance(value, str) and isinstance(old, str):
+            value = ",".join(os.path.abspath(p) if p else p for p in value.split(","))
+        if value != old:
+            option = "--" + name.replace("_", "-")
+            raise UserError(f"{option} {value} differs from the resumed run's {old}; a resumed run keeps its settings "
+                            "(only --iter, --device, --sample-every, --save-every, --out may change)")
+    run_folder = checkpoint_run_folder(path)
+    if given.get("out") is None:
+        if run_folder is None:
+            raise UserError(f"{path} is not inside a run folder (<run>/checkpoints/); give --out DIR for the continued run")
+        values["out"] = run_folder
+    elif run_folder is None or not _same_path(given["out"], run_folder):
+        if holds_run(given["out"]):
+            raise UserError(f"--out {given['out']} already holds another run; continue a run in a new, empty folder")
+    resumed = argparse.Namespace(**values)
+    resumed.resume = path
+    # what the next resume starts from: the original options with this resume's new schedule
+    resumed.run_args = dict(stored, **{k: v for k, v in given.items() if k in ("iter", "device", "sample_every", "save_every")})
+    return resumed
 
 
 def check_common_args(args):
     for name in ("iter", "batch", "sample_every", "save_every", "n_sample"):
         value = getattr(args, name)
-        if value < (0 if name == "iter" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+
+
+def finish_args(args):
+    """The last step of every method's parse_args, once its options are valid: the run folder and the demo
+    banner. A resumed run keeps the folder `resume_args` chose. A new run with the default folder
+    (runs/<method>-<target>, runs/<method>-demo) takes the first of <name>, <name>-2, <name>-3, ... that holds
+    no run; an explicit --out that holds a run is refused unless --overwrite, so no run ever writes over
+    another. Nothing is created on disk here: files appear when the run writes its first output."""
+    if args.resume is None:
+        if args.out is None:
+            base = os.path.join("runs", f"{args.run_name}-demo") if args.demo else default_out_dir(args.run_name, args.target)
+            args.out, k = base, 1
+            while holds_run(args.out):
+                k += 1
+                args.out = f"{base}-{k}"
+        elif holds_run(args.out) and not args.overwrite:
+            raise UserError(f"--out {args.out} already holds a run (log.csv, checkpoints): continue it with --resume, "
+                            "choose another --out, or add --overwrite to replace it")
+        elif args.overwrite:
+            clear_run(args.out)
+    args.run_args["out"] = args.out
+    if args.demo and args.resume is None:
+        print(f"demo: no --source/--target given, so adapting the shipped toy-face StyleGAN2 ({os.path.relpath(DEMO_SOURCE)}, 32 px) "
+              f"to {os.path.relpath(args.target)} for {args.iter} iterations into {args.out} (README, 'Demo')", file=sys.stderr)
+    return args
+
+
+def clear_run(folder):
+    """Delete a run's log, sample grids and checkpoints (for --overwrite); other files (caches) stay."""
+    import shutil
+
+    if os.path.exists(os.path.join(folder, "log.csv")):
+        os.remove(os.path.join(folder, "log.csv"))
+    for name in ("samples", "checkpoints"):
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,15 +606,14 @@ def check_common_args(args):
 
 
 class RunDir:
-    """<out>/samples/*.png, <out>/checkpoints/*.pt, <out>/log.csv."""
+    """<out>/samples/*.png, <out>/checkpoints/*.pt, <out>/log.csv. Nothing is created here: the folders appear
+    with the first file written into them (so a run that fails at start-up leaves no folder behind)."""
 
     def __init__(self, out):
         self.root = out
         self.samples = os.path.join(out, "samples")
         self.checkpoints = os.path.join(out, "checkpoints")
         self.log_path = os.path.join(out, "log.csv")
-        os.makedirs(self.samples, exist_ok=True)
-        os.makedirs(self.checkpoints, exist_ok=True)
 
     def sample_path(self, i):
         return os.path.join(self.samples, f"{i:06d}.png")
@@ -478,31 +622,43 @@ class RunDir:
         return os.path.join(self.checkpoints, f"{i:06d}.pt")
 
     def latest_checkpoint(self):
+        if not os.path.isdir(self.checkpoints):
+            return None
         names = sorted(n for n in os.listdir(self.checkpoints) if n.endswith(".pt") and n[:-3].isdigit())
         return os.path.join(self.checkpoints, names[-1]) if names else None
 
 
 class CSVLog:
-    """Appends one row per logged iteration to log.csv (columns fixed by the first row)."""
+    """Appends one row per logged iteration to log.csv (columns fixed by the first row).
 
-    def __init__(self, path, resume_from=None):
+    A resumed run (resume_from = the iteration it continues at) keeps the rows before that iteration of the
+    log of the checkpoint's run (`resumed_checkpoint`'s <run>/log.csv): in place when that is this log, as a
+    copy when the run continues in another folder, whose original log is then only read."""
+
+    def __init__(self, path, resume_from=None, resumed_checkpoint=None):
         self.path = path
         self.columns = None
-        if resume_from is not None and os.path.exists(path):
-            with open(path, newline="") as f:
+        if resume_from is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        folder = checkpoint_run_folder(resumed_checkpoint) if resumed_checkpoint else os.path.dirname(path)
+        previous = os.path.join(folder, "log.csv") if folder else path
+        if os.path.exists(previous):
+            with open(previous, newline="") as f:
                 rows = list(csv.reader(f))
             if rows:
                 self.columns = rows[0]
                 kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < resume_from]
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 with open(path, "w", newline="") as f:
                     csv.writer(f).writerows(kept)
-        elif os.path.exists(path):
-            os.remove(path)
 
     def write(self, i, values):
         row = {"iter": i, **{k: float(v) for k, v in values.items()}}
         if self.columns is None:
             self.columns = list(row)
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
         with open(self.path, "a", newline="") as f:
@@ -524,6 +680,7 @@ def image_grid(images, nrow):
 def save_png(path, grid):
     from PIL import Image
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
@@ -553,14 +710,39 @@ def save_checkpoint(path, state):
         raise
 
 
+_last_training_checkpoint = {}
+
+
 def load_training_checkpoint(path):
-    """A checkpoint written by one of our method files (for --resume), with one-line errors."""
+    """A checkpoint written by one of our method files (for --resume), with one-line errors. The file read
+    while parsing --resume is kept until the training loop asks for it, so a large checkpoint is read once."""
     from stylegan2 import read_checkpoint
 
+    key = _file_key(path)
+    if key is not None and key in _last_training_checkpoint:
+        return _last_training_checkpoint.pop(key)
     state = read_checkpoint(path)
     if not isinstance(state, dict) or "iter" not in state or "g" not in state:
         raise UserError(f"{path} is not a checkpoint written by this project's training (no 'iter'); cannot resume from it")
+    _last_training_checkpoint.clear()
+    if key is not None:
+        _last_training_checkpoint[key] = state
     return state
+
+
+def _file_key(path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), info.st_mtime_ns, info.st_size
+
+
+def resume_command(script, checkpoint):
+    """The command that continues a run from `checkpoint`, with absolute paths: it works as printed from any folder."""
+    import shlex
+
+    return f"python {shlex.quote(os.path.abspath(script))} --resume {shlex.quote(os.path.abspath(checkpoint))}"
 
 
 def resolve_resume(resume, run_dir):
@@ -591,6 +773,11 @@ def training_state(i, args, g, g_ema, d, g_optim, d_optim, **extra):
         "iter": i,
         "rng": get_rng_state(),
     }
+    if getattr(args, "run_args", None) is not None:
+        state["run_args"] = args.run_args  # the options the run was started with, for --resume
+    extras = extra_config({"g": g, "d": d})
+    if extras:
+        state["extra_config"] = extras  # what the rosinality layout cannot say (an NVIDIA source's conv_clamp, ...)
     state.update(extra)
     return state
 
@@ -677,3 +864,42 @@ def args_to_dict(args):
 def default_out_dir(method, target):
     name = os.path.splitext(os.path.basename(os.path.normpath(target)))[0] or "target"
     return os.path.join("runs", f"{method}-{name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# GAN inversion into W+ (RSSA's target codes; evaluate.py invert / translate / edit)
+
+INVERT_LR_STEP, INVERT_LR_GAMMA = 1000, 0.5  # StepLR of RSSA's official invert_gan.py
+INVERT_MEAN_SAMPLES = 5120  # z samples for w_avg, the inversion's starting point (official invert_gan.py)
+
+
+@torch.no_grad()
+def mean_w(g, n=INVERT_MEAN_SAMPLES):
+    """w_avg [D]: the mean of g.style(z) over n z ~ N(0, I) drawn from torch's global RNG."""
+    device = next(g.parameters()).device
+    return g.style(torch.randn(n, g.style_dim, device=device)).mean(0)  # [D]
+
+
+def invert_wplus(g, images, lpips_fn, steps, lr, w_avg=None):
+    """W+ codes of `images` [N, 3, H, W] in [-1, 1] under g, RSSA's official optimisation (invert_gan.py):
+    w started at w_avg in every slot (drawn here when None), Adam(lr, betas (0.9, 0.999)) halved every 1000
+    steps, g's fixed noise buffers,
+        min_w LPIPS(G(w), x) + MSE(G(w), x).
+    All images at once (the per-image problems are independent and Adam is elementwise, so this equals one run
+    per image). Returns (codes [N, n_latent, D], per-image loss of every step [steps, N])."""
+    if w_avg is None:
+        w_avg = mean_w(g)  # [D]
+    latent = w_avg.repeat(images.shape[0], g.n_latent, 1).requires_grad_(True)  # [N, L, D]
+    optim = torch.optim.Adam([latent], lr=lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optim, INVERT_LR_STEP, INVERT_LR_GAMMA)
+    history = []
+    for _ in progress_bar(0, steps):
+        recon, _ = g([latent], input_is_latent=True, randomize_noise=False)  # [N, 3, H, W], g's noise buffers
+        # LPIPS(G(w_i), x_i) + mean_pixels (G(w_i) - x_i)^2, per image
+        losses = lpips_fn(recon, images).flatten() + (recon - images).square().flatten(1).mean(1)  # [N]
+        optim.zero_grad()
+        losses.sum().backward()
+        optim.step()
+        schedule.step()
+        history.append(losses.detach())
+    return latent.detach(), torch.stack(history)

@@ -6,10 +6,11 @@ faithfulness terms, a frozen e4e encoder the diversity term:
 
 Objective (paper Eq. 1-6, with the release's weights and schedule):
     E_m(x)     = unit CLIP image embedding of model m;  mu_m = mean_{z ~ N(0, I)} E_m(G_A(z))  (not re-normalised)
-    d_m        = normalize(E_m(I_ref) - mu_m)
+    d_m        = normalize(normalize(mean_r E_m(I_r)) - mu_m)    (one reference: normalize(E_m(I_ref) - mu_m))
     L_global,m = mean_b 1 - cos( E_m(G_B(w_b)) - E_m(G_A(w_b)), d_m )              (independent noise for G_A, G_B)
     L_local,m  = mean_b max( mean_i min_j C_ij, mean_j min_i C_ij ),  C_ij = 1 - cos(t_B,i, t_ref,j)
-                 (t: tokens of ViT block `clip_layer`, CLS excluded; t_ref from the real reference image)
+                 (t: tokens of ViT block `clip_layer`, CLS excluded; t_ref from the real reference image,
+                  the first one when there are several)
     c_X        = e4e(G_X(w))[:, :K_layers].flatten()            (first `num_keep_first` W+ layers)
     dw         = mean(Q_B) - mean(Q_A)                          (FIFO queues of the last S batch means of c_B, c_A)
     mask       = 1 on the floor(alpha * K) channels of smallest |dw|   (domain-sharing attributes)
@@ -20,10 +21,11 @@ Objective (paper Eq. 1-6, with the release's weights and schedule):
 Differs from cdc.py:
   - no discriminator (no adversarial loss, R1, path length or EMA: "g_ema" in the checkpoint is G_B itself,
     as in the release); w = G_A.mapping(z), one w broadcast to all layers, no style mixing;
-  - the target is one reference image, read only through CLIP (224 px, bicubic, centre crop);
+  - the target is one reference image, read only through CLIP's own preprocessing (224 px, bicubic, centre
+    crop, convert("RGB"): alpha is dropped, not composited);
   - G_B's mapping network and ToRGB layers stay frozen; the source checkpoint needs only g_ema;
-  - pretrained CLIP ViT-B/32, ViT-B/16 (in-file tower reading OpenAI's files) and e4e (in-file encoder reading
-    e4e_ffhq_encode.pt) are loaded at start-up, and the CLIP mean of G_A samples is computed and cached;
+  - pretrained CLIP ViT-B/32, ViT-B/16 (pretrained.py's image tower reading OpenAI's files) and e4e (pretrained.py's
+    encoder reading e4e_ffhq_encode.pt) are loaded at start-up, and the CLIP mean of G_A samples is computed and cached;
   - sample grids at truncation 0.5 toward one mean latent shared by both halves.
 
 Where this file departs from the public release (YBYBZhang/DiFa), defaults first:
@@ -33,59 +35,132 @@ Where this file departs from the public release (YBYBZhang/DiFa), defaults first
   changes of results, behind flags:  --no-antialias reproduces the release's non-antialiased tensor resizes
     (default: antialiased, matching PIL's treatment of the reference); --e4e-bn train reproduces the
     release's training-mode BatchNorm in e4e (batch statistics of each 2-image call, drifting running stats).
-  multiple references (not one-shot): token sets concatenated (release: averaged position-wise).
+  multiple references (not one-shot; the release's train.py even fails on a folder, as it copies
+    --style_img_dir with shutil.copy2, so this is what its CLIP loss does with a list):  d_m re-normalises the
+    mean reference embedding, as the release; L_local uses the first reference's tokens only (sorted name
+    order here, os.listdir order there), as the release, whose hooked token list is never cleared between
+    references, so every token map it averages is the first image's; --ref-tokens all (fix) uses the union
+    of all references' token sets.
+
+SCC follows the public release (criteria/psp_loss.py: two queues, dw = mean(Q_B) - mean(Q_A) over the
+same steps), not the DatasetGAN branch of the development fork (1170300521/StyleGAN-nada), which queues only
+G_B's codes and subtracts a fixed mu_A, the mean e4e code of G_A samples precomputed offline
+(ffhq_A_gen_w.npy); its paper scripts use S = 30, alpha 0.5 / 0.7 and lambda_scc 5. In the release mu_A
+and mu_B come from the same w, so which w the window happened to draw cancels in dw; in the branch it stays
+(the last S batches of G_B against a fixed mean).
+
+Zero-shot text target (--target-text T, --source-text S, in place of --target):
+    t_k, s_k = unit CLIP text embeddings of NADA's template k filled with T and with S (NADA_TEMPLATES, 79)
+    d_m      = normalize(mean_k t_k - mean_k s_k)      (NADA's compute_text_direction; the means not re-normalised)
+    L = sum_m c_m lambda_dir L_global,m + lambda_scc r(i) L_scc     (no L_local: there are no reference tokens)
+  The release has this mode (compute_text_direction with --source_type source gives this d; its default
+  --source_type mean subtracts mu_m from each t_k instead); it skips L_local the same way (no reference keys).
+  The text tower is read from the same OpenAI file as the image tower m, the BPE vocabulary from --clip-vocab.
+
+StyleGAN-NADA baseline (--baseline nada; Gal et al., SIGGRAPH 2022, rinongal/StyleGAN-nada):
+    L = sum_m c_m lambda_dir L_global,m    (no L_local, no L_scc, no e4e), d_m from the text prompts as above,
+      or from images: d_m = normalize(mean_r E_m(I_r) - mean_j E_m(G_A(z_j))), j < img2img_batch (unit
+      embeddings, neither mean re-normalised: NADA's compute_img2img_direction)
+  Adaptive layer selection, every iteration (NADA's determine_opt_layers):
+    w+_0 = G_A.mapping(z) repeated over the L W+ layers, z: auto_layer_batch fresh samples
+    w+   = auto_layer_iters steps of SGD (lr 0.01) on L_sel(w+) = sum_m c_m mean_b 1 - cos(E_m(G_B(w+)), t_m)
+           (t_m: unit embedding of the raw target text, no template, as NADA; for an image target the
+            re-normalised mean reference embedding, as the release's global_clip_loss with a target image)
+    train only the auto_layer_k layers of largest mean_{b,d} |w+ - w+_0|, W+ index l -> NADA's list
+    [conv1, to_rgb1, convs[0], convs[1], ...] (which is one off from the layer that reads w+_l; kept);
+    the other layers get zero gradients (torch 1.7's zero_grad, as in the release: with Adam's beta1 = 0
+    they do not move, their second moments decay). --auto-layer-iters 0: no selection, DiFa's trained set.
 """
 
 import argparse
 import collections
 import copy
-import math
 import os
+import re
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint, read_checkpoint
+# the pretrained networks live in pretrained.py; every name difa.py used to define stays importable from difa
+from pretrained import (CLIP_MEAN, CLIP_STD, CLIP_URLS, E4E, E4E_FILE, E4E_SOURCE, BottleneckIRSE, EqualLinear,  # noqa: F401
+                        QuickGELU, ResidualBlock, SelfAttention, SEModule, StyleHead, Transformer, VisionTower, clip_input,
+                        default_clip_path, default_e4e_path, e4e_config, e4e_input, load_e4e, load_text_tower, load_vision_tower,
+                        read_clip_state_dict, resolve_clip_file, tokenize, vision_config, vocab_size)
+from stylegan2 import load_checkpoint
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# OpenAI's public files (clip.load's _MODELS); the hash in the path is the file's sha256
-CLIP_URLS = {
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
-    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
-    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-}
-E4E_FILE = "e4e_ffhq_encode.pt"
-E4E_SOURCE = "https://github.com/omertov/encoder4editing (README, 'Pretrained Models': FFHQ Inversion)"
 MEAN_LATENT_SAMPLES = 4096  # z samples for the truncation centre (release: mean_latent(4096))
+AUTO_LAYER_LR = 0.01  # SGD step of NADA's W+ optimisation in determine_opt_layers (hard-coded there)
+# NADA's text templates: imagenet_templates of rinongal/StyleGAN-nada ZSSGAN/utils/text_templates.py (CLIP's ImageNet
+# prompts), the ones its compute_text_direction fills with the source and target texts (and DiFa's release with them;
+# NADA's part_templates serve only its patch loss, lambda_patch 0, not used)
+NADA_TEMPLATES = (
+    "a bad photo of a {}.", "a sculpture of a {}.", "a photo of the hard to see {}.", "a low resolution photo of the {}.",
+    "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.",
+    "the embroidered {}.", "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.",
+    "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.",
+    "art of the {}.", "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.",
+    "the plushie {}.", "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.",
+    "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+)
+# options of one mode only: DiFa's (refused with --baseline nada) and NADA's (refused without it)
+DIFA_ONLY = ("lambda_partial", "clip_layer", "ref_tokens", "clip_mean_samples", "e4e", "psp_model_weight", "num_keep_first",
+             "psp_alpha", "sliding_window_size", "e4e_bn")
+NADA_ONLY = ("auto_layer_k", "auto_layer_iters", "auto_layer_batch", "img2img_batch")
 
 
-def default_clip_path(name):
-    """clip.load's cache: ~/.cache/clip/ViT-B-32.pt for 'ViT-B/32'."""
-    return os.path.join(os.path.expanduser("~/.cache/clip"), name.replace("/", "-") + ".pt")
-
-
-def default_e4e_path():
-    return os.path.join(torch.hub.get_dir(), "checkpoints", E4E_FILE)
+def text_slug(text):
+    """A folder-name form of a text target: 'a Pencil sketch!' -> 'a-pencil-sketch'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "text"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="DiFa one-shot adaptation (Zhang et al., NeurIPS 2022)")
-    common.add_common_args(parser, origin="official README command", iter=301, batch=2, lr=0.002, seed=2,
-                           sample_every=50, save_every=300, n_sample=4)
+    # --baseline picks the defaults that differ between the two READMEs (checkpoint cadence, sample truncation)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--baseline", default=None)
+    nada = pre.parse_known_args(argv)[0].baseline == "nada"
+    origin = "StyleGAN-NADA README command" if nada else "official README command"
+    parser = argparse.ArgumentParser(description="DiFa one-shot adaptation (Zhang et al., NeurIPS 2022), or the StyleGAN-NADA "
+                                                 "baseline (Gal et al., SIGGRAPH 2022) with --baseline nada")
+    common.add_common_args(parser, origin=origin, iter=301, batch=2, lr=0.002, seed=2,  # the same in both READMEs (NADA: seed 2 in train.py)
+                           sample_every=50, save_every=150 if nada else 300, n_sample=4)
+    parser.add_argument("--baseline", choices=["nada"], default=None,
+                        help="nada: StyleGAN-NADA instead of DiFa: the directional CLIP loss only, with its adaptive layer selection "
+                             "(`--baseline nada --help` lists NADA's defaults)")
+    # METHOD: the target, when it is a text (zero-shot)
+    parser.add_argument("--target-text", default=None,
+                        help="zero-shot target text T in place of --target (NADA's --target_class), e.g. 'a sketch with black pencils'; "
+                             "without --source: the demo source")
+    parser.add_argument("--source-text", default="photo", help="source text S of the text direction (default photo: both READMEs' --source_class)")
+    parser.add_argument("--clip-vocab", default=None,
+                        help="CLIP's BPE merges file for the text prompts (default: OpenAI's bpe_simple_vocab_16e6.txt.gz of an installed "
+                             "clip package, else ~/.cache/clip/, downloaded there when absent)")
     # METHOD: global and local (attentive style) CLIP losses
-    parser.add_argument("--clip-models", default="ViT-B/32,ViT-B/16", help="CLIP image towers m (default ViT-B/32,ViT-B/16: official)")
+    parser.add_argument("--clip-models", default="ViT-B/32,ViT-B/16", help=f"CLIP image towers m (default ViT-B/32,ViT-B/16: {origin})")
     parser.add_argument("--clip-weights", default=None,
                         help="comma-separated files, one per --clip-models entry: OpenAI's TorchScript archives or a plain state dict "
-                             "with visual.* keys (default: clip.load's cache ~/.cache/clip/ViT-B-32.pt etc., downloaded there when absent)")
-    parser.add_argument("--clip-model-weights", default="1.0,1.0", help="c_m, one per model (default 1.0,1.0: official)")
-    parser.add_argument("--lambda-direction", type=float, default=1.0, help="lambda_dir, weight of L_global (and of L_local, inside it) (default 1: official)")
+                             "with visual.* keys, and the text tower's keys for --target-text "
+                             "(default: clip.load's cache ~/.cache/clip/ViT-B-32.pt etc., downloaded there when absent)")
+    parser.add_argument("--clip-model-weights", default="1.0,1.0", help=f"c_m, one per model (default 1.0,1.0: {origin})")
+    parser.add_argument("--lambda-direction", type=float, default=1.0, help="lambda_dir, weight of L_global (and of L_local, inside it) (default 1: official; NADA's --lambda_direction 1 too)")
     parser.add_argument("--lambda-partial", type=float, default=1.0, help="lambda_partial, weight of the attentive style loss L_local (default 1: official README)")
     parser.add_argument("--clip-layer", type=int, default=3, help="ViT block (0-based) whose tokens feed L_local (default 3: official)")
+    parser.add_argument("--ref-tokens", choices=["first", "all"], default="first",
+                        help="reference tokens of L_local when --target is a folder of several images: first: the first image's only "
+                             "(default: official, the release's token list is never cleared between references); all: the union of "
+                             "every reference's token set (fix). Identical for one reference")
     parser.add_argument("--clip-mean-samples", type=int, default=10000,
                         help="N, G_A samples for the CLIP source mean mu_m (default 10000: the release's offline pickles); cached in <out>/clip_source_mean.pt")
     parser.add_argument("--clip-mean-batch", type=int, default=8, help="batch of the mu_m computation (release: 1; only speed)")
@@ -99,11 +174,28 @@ def parse_args(argv=None):
                         help="eval: frozen running statistics (fix, default); train: batch statistics per call and drifting running stats (release)")
     parser.add_argument("--no-antialias", action="store_true",
                         help="resize generated images to CLIP's 224 and e4e's 256 without antialiasing, as the release's tensor Resize (default: antialiased)")
+    # METHOD: StyleGAN-NADA (--baseline nada): adaptive layer selection and the image direction's source mean
+    parser.add_argument("--auto-layer-k", type=int, default=None,
+                        help="k, W+ layers trained each iteration (default: all L of the generator, as NADA README's --auto_layer_k 18 "
+                             "for its 1024 px generator, L = 18)")
+    parser.add_argument("--auto-layer-iters", type=int, default=1,
+                        help="SGD steps of the W+ optimisation that ranks the layers (default 1: NADA README and code; 0: no selection, "
+                             "input, conv1 and convs train, NADA's phase None)")
+    parser.add_argument("--auto-layer-batch", type=int, default=8, help="W+ codes of that optimisation (default 8: NADA README and code)")
+    parser.add_argument("--img2img-batch", type=int, default=16,
+                        help="G_A samples whose mean CLIP embedding is the source of an image target's direction (default 16: NADA code)")
     # SHARED: generator, optimiser, samples
     parser.add_argument("--g-reg-every", type=int, default=4,
                         help="lazy-regularisation scaling of Adam kept from StyleGAN2 (lr 0.0016, betas (0, 0.992)) though no regulariser runs (default 4: official)")
-    parser.add_argument("--sample-truncation", type=float, default=0.5, help="truncation psi of the sample grids (default 0.5: official train.py)")
-    args = common.parse_args_or_demo(parser, argv, "difa", target=os.path.join(common.DEMO_TARGET, "00.png"),
+    parser.add_argument("--sample-truncation", type=float, default=0.7 if nada else 0.5,
+                        help="truncation psi of the sample grids (default " + ("0.7: NADA's train_options" if nada else "0.5: official train.py") + ")")
+    first = parser.parse_args(argv)
+    if first.target_text is not None:
+        if first.target is not None:
+            raise UserError("--target-text and --target are exclusive: a run adapts to a text or to reference images")
+        if first.source is not None:
+            parser.set_defaults(target=text_slug(first.target_text))  # stands in for --target, which a run with --source needs
+    args = common.parse_args_or_demo(parser, argv, "difa", target=os.path.join(common.DEMO_TARGET, "00.png"), path_options=("clip_weights", "e4e", "clip_vocab"),
                                      iter=301, psp_model_weight=0.0, clip_mean_samples=1000)
     common.check_common_args(args)
     args.clip_models = [m.strip() for m in args.clip_models.split(",") if m.strip()]
@@ -116,338 +208,127 @@ def parse_args(argv=None):
         raise UserError("--clip-layer must be >= 0; --num-keep-first, --sliding-window-size and --clip-mean-samples >= 1")
     if not 0 < args.psp_alpha <= 1:
         raise UserError(f"--psp-alpha must be in (0, 1], got {args.psp_alpha}")
-    if args.out is None:
-        args.out = common.default_out_dir("difa", args.target)
-    return args
-
-
-# ------------------------------------------------------------------------------------------------
-# Networks: CLIP's ViT image tower (OpenAI key layout, visual.*)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention holding nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x):  # [B, L, W]
-        b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, w // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, W/h]
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(W/h)) v
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(collections.OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
-        super().__init__()
-        self.resblocks = nn.Sequential(*[ResidualBlock(width, heads) for _ in range(layers)])
-
-
-class VisionTower(nn.Module):
-    """CLIP's ViT image encoder, batch-first. forward(x) -> (embedding [B, out_dim] (not normalised),
-    {layer: tokens [B, grid^2, width]}) with the tokens after block `layer` (0-based), CLS excluded."""
-
-    def __init__(self, width=768, layers=12, patch=32, resolution=224, out_dim=512):
-        super().__init__()
-        self.resolution, self.patch = resolution, patch
-        grid = resolution // patch
-        scale = width ** -0.5
-        self.conv1 = nn.Conv2d(3, width, patch, stride=patch, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, max(1, width // 64))
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, out_dim))
-
-    @property
-    def depth(self):
-        return len(self.transformer.resblocks)
-
-    def forward(self, x, return_layers=()):
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid^2, W]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
-        x = self.ln_pre(torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype))  # [B, 1 + grid^2, W]
-        tokens = {}
-        for k, block in enumerate(self.transformer.resblocks):
-            x = block(x)
-            if k in return_layers:
-                tokens[k] = x[:, 1:]  # the block's residual stream, CLS dropped
-        return self.ln_post(x[:, 0]) @ self.proj, tokens
-
-
-def vision_config(state_dict):
-    """VisionTower kwargs from OpenAI visual.* shapes (as clip.build_model reads them)."""
-    width, _, patch, _ = state_dict["conv1.weight"].shape
-    layers = len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")})
-    grid = round((state_dict["positional_embedding"].shape[0] - 1) ** 0.5)
-    return dict(width=width, layers=layers, patch=patch, resolution=grid * patch, out_dim=state_dict["proj"].shape[1])
-
-
-def read_clip_state_dict(path):
-    """visual.* of an OpenAI TorchScript archive (torch.jit.load, no clip package) or of a plain state dict."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-            full = torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception:
-        try:
-            full = read_checkpoint(path)
-        except Exception as error:
-            raise UserError(f"CLIP weights {path}: neither a TorchScript archive nor a state dict ({str(error)[:160]})") from None
-        if isinstance(full, dict) and isinstance(full.get("state_dict"), dict):
-            full = full["state_dict"]
-    if not isinstance(full, dict):
-        raise UserError(f"CLIP weights {path}: not a state dict")
-    visual = {k[len("visual."):]: v for k, v in full.items() if k.startswith("visual.")}
-    if "conv1.weight" not in visual or "proj" not in visual:
-        raise UserError(f"CLIP weights {path}: no ViT image tower (visual.conv1.weight / visual.proj); DiFa needs ViT-B/32 and ViT-B/16")
-    return {k: v.float() for k, v in visual.items()}
-
-
-def resolve_clip_file(name, path):
-    """An explicit path must exist; the default cache path is downloaded from OpenAI's public URL when absent."""
-    if path:
-        if not os.path.isfile(path):
-            raise UserError(f"CLIP weights not found: {path} (OpenAI's {name} file, e.g. from {CLIP_URLS.get(name, 'clip.load')})")
-        return path
-    path = default_clip_path(name)
-    if os.path.isfile(path):
-        return path
-    if name not in CLIP_URLS:
-        raise UserError(f"no CLIP weights for {name!r} at {path} and no known download link (use ViT-B/32 or ViT-B/16, or pass --clip-weights)")
-    url = CLIP_URLS[name]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading CLIP {name} to {path}")
-    try:
-        torch.hub.download_url_to_file(url, path, hash_prefix=url.split("/")[-2], progress=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"CLIP {name} is not in {path} and could not be downloaded from {url} ({reason[:120]}); "
-                        "put that file there or pass --clip-weights") from None
-    return path
-
-
-def load_vision_tower(path):
-    state_dict = read_clip_state_dict(path)
-    tower = VisionTower(**vision_config(state_dict))
-    try:
-        tower.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise UserError(f"CLIP weights {path} do not fit a ViT image tower ({str(error).splitlines()[0][:160]})") from None
-    return tower.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------
-# Networks: e4e (Encoder4Editing: IR-SE50 + FPN + map2style heads; key layout of encoder.*)
-
-
-class SEModule(nn.Module):
-    def __init__(self, channels, mid):
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, mid, 1, bias=False)
-        self.fc2 = nn.Conv2d(mid, channels, 1, bias=False)
-
-    def forward(self, x):
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
-
-
-class BottleneckIRSE(nn.Module):
-    """BN, conv3x3, PReLU, conv3x3 (stride), BN, SE; shortcut: 1x1 conv + BN, or subsampling when widths agree."""
-
-    def __init__(self, cin, depth, stride, se_reduction=16):
-        super().__init__()
-        self.stride = stride
-        self.shortcut_layer = None if cin == depth else nn.Sequential(
-            nn.Conv2d(cin, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
-        self.res_layer = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.Conv2d(cin, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
-            nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth),
-            SEModule(depth, max(1, depth // se_reduction)))
-
-    def forward(self, x):
-        shortcut = x[:, :, ::self.stride, ::self.stride] if self.shortcut_layer is None else self.shortcut_layer(x)
-        return self.res_layer(x) + shortcut
-
-
-class EqualLinear(nn.Module):
-    """pSp's EqualLinear at lr_mul 1: y = x (W / sqrt(in))^T + b."""
-
-    def __init__(self, din, dout):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(dout, din))
-        self.bias = nn.Parameter(torch.zeros(dout))
-
-    def forward(self, x):
-        return F.linear(x, self.weight / math.sqrt(self.weight.shape[1]), self.bias)
-
-
-class StyleHead(nn.Module):
-    """map2style: log2(spatial) stride-2 conv3x3 + LeakyReLU(0.01), then EqualLinear."""
-
-    def __init__(self, channels, style_dim, spatial):
-        super().__init__()
-        layers = []
-        for k in range(int(math.log2(spatial))):
-            layers += [nn.Conv2d(channels if k == 0 else style_dim, style_dim, 3, 2, 1), nn.LeakyReLU()]
-        self.convs = nn.Sequential(*layers)
-        self.linear = EqualLinear(style_dim, style_dim)
-
-    def forward(self, x):
-        return self.linear(self.convs(x).flatten(1))
-
-
-class E4E(nn.Module):
-    """Encoder4Editing at the inference stage: w+ = w0 1 + [0, delta_1 .. delta_{n-1}] + latent_avg, [B, n_styles, D].
-
-    widths / units: the IR-SE body's four stages (IR-SE50: 64, 128, 256, 512 / 3, 4, 14, 3); the taps c1, c2, c3
-    are the ends of stages 2, 3, 4; heads 0-2 read c3, 3-6 p2 = up(c3) + lat1(c2), 7.. p1 = up(p2) + lat2(c1).
-    """
-
-    COARSE, MIDDLE = 3, 7
-
-    def __init__(self, widths=(64, 128, 256, 512), units=(3, 4, 14, 3), style_dim=512, n_styles=18, size=256, se_reduction=16):
-        super().__init__()
-        self.size = size
-        self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
-        body, cin, self.taps = [], widths[0], []
-        for width, n in zip(widths, units):
-            for k in range(n):
-                body.append(BottleneckIRSE(cin, width, 2 if k == 0 else 1, se_reduction))
-                cin = width
-            self.taps.append(len(body) - 1)
-        self.body = nn.Sequential(*body)
-        c3 = size // 16
-        self.styles = nn.ModuleList(
-            StyleHead(widths[3], style_dim, c3 if i < self.COARSE else 2 * c3 if i < self.MIDDLE else 4 * c3) for i in range(n_styles))
-        self.latlayer1 = nn.Conv2d(widths[2], widths[3], 1)
-        self.latlayer2 = nn.Conv2d(widths[1], widths[3], 1)
-        self.register_buffer("latent_avg", torch.zeros(n_styles, style_dim))
-
-    def forward(self, x):  # x: [B, 3, size, size] normalised to [-1, 1]
-        x = self.input_layer(x)
-        feats = {}
-        for k, unit in enumerate(self.body):
-            x = unit(x)
-            feats[k] = x
-        c1, c2, c3 = (feats[t] for t in self.taps[1:])
-
-        def up_add(a, b):
-            return F.interpolate(a, size=b.shape[-2:], mode="bilinear", align_corners=True) + b
-
-        w = self.styles[0](c3)[:, None].repeat(1, len(self.styles), 1)  # [B, n, D]
-        deltas, features = [torch.zeros_like(w[:, 0])], c3
-        for i in range(1, len(self.styles)):
-            if i == self.COARSE:
-                p2 = features = up_add(c3, self.latlayer1(c2))
-            elif i == self.MIDDLE:
-                features = up_add(p2, self.latlayer2(c1))
-            deltas.append(self.styles[i](features))
-        return w + torch.stack(deltas, 1) + self.latent_avg
-
-
-def e4e_config(state_dict):
-    """E4E kwargs from encoder.* shapes."""
-    n_units = len({k.split(".")[1] for k in state_dict if k.startswith("body.")})
-    widths, units = [], []
-    for k in range(n_units):
-        depth = state_dict[f"body.{k}.res_layer.1.weight"].shape[0]
-        if not widths or depth != widths[-1]:
-            widths.append(depth)
-            units.append(0)
-        units[-1] += 1
-    n_styles = len({k.split(".")[1] for k in state_dict if k.startswith("styles.")})
-    n_convs = len({k.split(".")[3] for k in state_dict if k.startswith("styles.0.convs.")})
-    se_mid = state_dict["body.0.res_layer.5.fc1.weight"].shape[0]
-    return dict(widths=tuple(widths), units=tuple(units), style_dim=state_dict["styles.0.linear.weight"].shape[0],
-                n_styles=n_styles, size=16 * 2**n_convs, se_reduction=max(1, widths[0] // se_mid))
-
-
-def load_e4e(path):
-    if not path:
-        path = default_e4e_path()
-        if not os.path.isfile(path):
-            raise UserError(f"the e4e encoder is needed for L_scc: get {E4E_FILE} from {E4E_SOURCE} and put it at {path} "
-                            "(or pass --e4e PATH; --psp-model-weight 0 runs without it)")
-    elif not os.path.isfile(path):
-        raise UserError(f"e4e weights not found: {path} (get {E4E_FILE} from {E4E_SOURCE})")
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "latent_avg" not in ckpt:
-        raise UserError(f"{path} is not an e4e checkpoint (expected 'state_dict' with encoder.* keys and 'latent_avg')")
-    state_dict = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
-    opts = ckpt.get("opts") if isinstance(ckpt.get("opts"), dict) else {}
-    if opts.get("encoder_type", "Encoder4Editing") != "Encoder4Editing" or "styles.0.linear.weight" not in state_dict:
-        raise UserError(f"{path}: not an Encoder4Editing checkpoint (encoder_type {opts.get('encoder_type')!r})")
-    try:
-        encoder = E4E(**e4e_config(state_dict))
-        latent_avg = ckpt["latent_avg"].float()
-        state_dict["latent_avg"] = latent_avg.reshape(-1, latent_avg.shape[-1]).expand_as(encoder.latent_avg).clone()
-        encoder.load_state_dict(state_dict, strict=True)
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise UserError(f"{path}: the encoder.* weights do not fit e4e ({str(error).splitlines()[0][:160]})") from None
-    return encoder.eval().requires_grad_(False)
+    if args.resume is None:
+        given = common.explicit_options(parser, argv)
+        wrong = [name for name in (DIFA_ONLY if args.baseline == "nada" else NADA_ONLY) if name in given]
+        if wrong:
+            option = "--" + wrong[0].replace("_", "-")
+            raise UserError(f"{option} is a DiFa option, unused by --baseline nada" if args.baseline == "nada"
+                            else f"{option} is a StyleGAN-NADA option: add --baseline nada")
+    if args.auto_layer_k is not None and args.auto_layer_k < 1:
+        raise UserError(f"--auto-layer-k must be at least 1, got {args.auto_layer_k}")
+    if args.auto_layer_iters < 0 or args.auto_layer_batch < 1 or args.img2img_batch < 1:
+        raise UserError("--auto-layer-iters must be >= 0; --auto-layer-batch and --img2img-batch >= 1")
+    if args.target_text is not None:
+        if not args.target_text.strip() or not args.source_text.strip():
+            raise UserError("--target-text and --source-text must not be empty")
+        args.target = text_slug(args.target_text)  # names the run folder; no image is read
+    return common.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
 # METHOD: preprocessing
 
 
-def clip_input(x, resolution, antialias=True):
-    """Generated images in [-1, 1] -> CLIP input: bicubic resize to resolution^2, (x+1)/2, CLIP normalisation."""
-    x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=antialias)
-    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-    return ((x + 1) / 2 - mean) / std
-
-
-def e4e_input(x, size, antialias=True):
-    """[-1, 1] -> e4e input: bilinear resize to size^2; (x01 - 0.5) / 0.5 is x again."""
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
-
-
 def load_reference(path, resolution):
-    """CLIP's PIL preprocessing of a reference: alpha on white, shorter side to `resolution` (bicubic,
-    antialiased), centre crop, normalisation -> [1, 3, resolution, resolution]."""
+    """CLIP's own PIL preprocessing of a reference (clip.load's transform) -> [1, 3, resolution, resolution]:
+    shorter side to `resolution` (PIL bicubic, antialiased), centre crop, convert("RGB"), normalisation.
+
+    As in CLIP, alpha is dropped, not composited: transparent pixels keep their stored colour when the image
+    needs no resize, and come out black when it is resized (PIL resamples RGBA as premultiplied colour).
+    """
+    from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    image = common.open_rgb(path)  # alpha on white
-    image = TF.center_crop(TF.resize(image, resolution, interpolation=InterpolationMode.BICUBIC), resolution)
-    x = TF.to_tensor(image)[None]  # [1, 3, R, R] in [0, 1]
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = TF.center_crop(TF.resize(opened, resolution, interpolation=InterpolationMode.BICUBIC), resolution)
+            x = TF.to_tensor(image.convert("RGB"))[None]  # [1, 3, R, R] in [0, 1], alpha dropped
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read image {path}: {reason}") from None
     return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------
 # METHOD: the losses (pure functions)
+
+
+def reference_direction(ref_emb, mu):
+    """d = normalize(normalize(mean_r normalize(e_r)) - mu), the release's compute_img2img_direction.
+    ref_emb [n, D] raw CLIP embeddings of the n references, mu [D] -> [D]; one reference: normalize(E(I_ref) - mu)."""
+    # e_ref = normalize(mean_r e_r / |e_r|)
+    target = F.normalize(F.normalize(ref_emb, dim=-1).mean(0), dim=-1)  # [D]
+    # d = normalize(e_ref - mu)
+    return F.normalize(target - mu, dim=-1, eps=1e-8)  # [D]
+
+
+def text_direction(target_emb, source_emb):
+    """d = normalize(mean_k (t_k - s_k)), NADA's compute_text_direction: target_emb, source_emb [T, D], the unit text
+    embeddings of the same T templates filled with the target and the source text -> [D]. The template means are not
+    re-normalised before the difference (NADA normalises each template's embedding, then averages)."""
+    # d = normalize(mean_k t_k - mean_k s_k)
+    return F.normalize((target_emb - source_emb).mean(0), dim=-1, eps=1e-8)  # [D]
+
+
+def nada_image_direction(ref_emb, source_emb):
+    """d = normalize(mean_r normalize(e_r) - mean_j e_j), NADA's compute_img2img_direction: ref_emb [n, D] raw reference
+    embeddings, source_emb [D] the mean unit embedding of img2img_batch G_A samples -> [D]. Unlike
+    reference_direction (DiFa's release) the mean reference is not re-normalised; the same for one reference."""
+    # d = normalize(mean_r e_r / |e_r| - mu_16)
+    return F.normalize(F.normalize(ref_emb, dim=-1).mean(0) - source_emb, dim=-1, eps=1e-8)  # [D]
+
+
+def clip_similarity_loss(emb, target):
+    """NADA's global_clip_loss, 1 - logits / 100 = mean_b 1 - cos(E(x_b), t) (OpenAI's logit scale is 100);
+    emb [B, D] unit image embeddings, target [D] a unit text (or reference) embedding."""
+    # L_sel = mean_b 1 - <E(x_b), t>
+    return (1 - emb @ target).mean()
+
+
+def layer_movement(w_init, w_moved):
+    """m_l = mean_{b,d} |w+_bld - w+_0,bld|, NADA's layer_weights; W+ codes [B, L, D] -> [L]."""
+    # m_l = mean_b mean_d |w+ - w+_0|
+    return (w_moved - w_init).abs().mean(-1).mean(0)  # [L]
+
+
+def optimise_wplus(w_init, loss_fn, steps, lr):
+    """`steps` of plain SGD (NADA: torch.optim.SGD, lr 0.01, no momentum) on a copy of the W+ codes w_init [B, L, D]
+    against loss_fn(w+) -> (w+ [B, L, D] detached, the last loss value or None). Gradients reach w+ only."""
+    w = w_init.detach().clone().requires_grad_(True)
+    loss = None
+    for _ in range(steps):
+        loss = loss_fn(w)
+        (grad,) = torch.autograd.grad(loss, [w])
+        with torch.no_grad():
+            # w+ <- w+ - lr dL_sel/dw+
+            w.sub_(lr * grad)
+    return w.detach(), None if loss is None else loss.detach()
+
+
+def select_layers(w_init, loss_fn, steps, lr, k):
+    """NADA's determine_opt_layers on given codes: the indices of the k W+ layers that move most under the W+
+    optimisation, largest first, and its last loss."""
+    w_moved, loss = optimise_wplus(w_init, loss_fn, steps, lr)
+    return torch.topk(layer_movement(w_init, w_moved), k).indices.tolist(), loss
+
+
+def nada_layers(g):
+    """NADA's idx_to_layer: W+ index l -> module, [conv1, to_rgb1, convs[0], ..., convs[-1]] (L entries)."""
+    return [g.conv1, g.to_rgb1, *g.convs]
+
+
+def reference_tokens(tokens, mode):
+    """T_ref from the block tokens of the n references [n, N, W]. first: the first reference's [N, W], which is
+    what the release averages (its hooked list is not cleared between references, so each entry is image 1's);
+    all (fix): the union of the n token sets [n N, W]."""
+    if mode == "first":
+        # T_ref = T_1
+        return tokens[0]  # [N, W]
+    # T_ref = T_1 u ... u T_n
+    return tokens.reshape(-1, tokens.shape[-1])  # [n N, W]
 
 
 def global_clip_loss(emb_b, emb_a, direction):
@@ -538,10 +419,24 @@ def clip_source_mean(g_a, tower, n, batch, antialias, seed):
     return total / n
 
 
+@torch.no_grad()
+def prompt_embeddings(text_tower, text, vocab, templates=NADA_TEMPLATES):
+    """Unit CLIP text embeddings [T, D] of `text` filled into each template (NADA's get_text_features); templates
+    ("{}",): the text alone [1, D] (what NADA's global_clip_loss tokenizes)."""
+    prompts = [template.format(text) for template in templates]
+    try:
+        ids = tokenize(prompts, context_length=text_tower.context_length, vocab=vocab)  # [T, context]
+    except RuntimeError:
+        raise UserError(f"{text!r} in NADA's prompt templates is longer than CLIP's {text_tower.context_length} tokens") from None
+    return F.normalize(text_tower(ids.long().to(text_tower.positional_embedding.device)), dim=-1)  # [T, D]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     common.seed_everything(args.seed)
+    nada, text = args.baseline == "nada", args.target_text is not None
+    select = nada and args.auto_layer_iters > 0  # NADA's adaptive layer selection
 
     # SHARED: source checkpoint (only g_ema), reference, run folder
     models, source_ckpt = load_checkpoint(args.source, require=("g_ema",), device=device)
@@ -549,37 +444,59 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     generator = copy.deepcopy(g_source).train()  # G_B
     common.requires_grad(generator, False)
-    params = trainable_generator_parameters(generator)
+    latent_dim, n_latent = generator.style_dim, generator.n_latent
+    # METHOD: the trained set: DiFa's (and NADA's phase None), or NADA's candidate layers, chosen anew each iteration
+    layers = nada_layers(generator)
+    params = [p for layer in layers for p in layer.parameters()] if select else trainable_generator_parameters(generator)
     for p in params:
         p.requires_grad_(True)
-    references = common.list_images(args.target)
+    k_layers = n_latent if args.auto_layer_k is None else args.auto_layer_k
+    if select and k_layers > n_latent:
+        raise UserError(f"--auto-layer-k {k_layers} exceeds the generator's {n_latent} W+ layers")
+    references = None if text else common.list_images(args.target)
     run = common.RunDir(args.out)
-    latent_dim, n_latent = generator.style_dim, generator.n_latent
 
-    # METHOD: CLIP towers, reference embeddings and tokens
+    # METHOD: CLIP towers; the reference embeddings and tokens, or the text prompts' embeddings
     antialias = not args.no_antialias
+    local = not nada and not text and args.lambda_partial != 0  # L_local needs reference tokens
+    clip_files = [resolve_clip_file(name, path) for name, path in zip(args.clip_models, args.clip_paths)]
     towers = []
-    for name, path in zip(args.clip_models, args.clip_paths):
-        tower = load_vision_tower(resolve_clip_file(name, path)).to(device)
-        if args.clip_layer >= tower.depth:
+    for name, path in zip(args.clip_models, clip_files):
+        tower = load_vision_tower(path).to(device)
+        if local and args.clip_layer >= tower.depth:
             raise UserError(f"--clip-layer {args.clip_layer}: {name} has only {tower.depth} blocks")
         towers.append(tower)
-    ref_emb, ref_tokens = [], []
-    with torch.no_grad():
-        for tower in towers:
-            x = torch.cat([load_reference(p, tower.resolution) for p in references]).to(device)
-            emb, tokens = tower(x, return_layers=(args.clip_layer,))
-            ref_emb.append(F.normalize(emb, dim=-1).mean(0))  # [D]
-            ref_tokens.append(tokens[args.clip_layer].reshape(-1, tokens[args.clip_layer].shape[-1]))  # [n N, W]
+    ref_emb, ref_tokens, text_directions, select_targets = [], [], [], []
+    if text:
+        for name, path, tower in zip(args.clip_models, clip_files, towers):
+            text_tower = load_text_tower(path).to(device)
+            n_vocab, embed_dim = vocab_size(args.clip_vocab), text_tower.text_projection.shape[1]
+            if n_vocab != text_tower.token_embedding.num_embeddings or embed_dim != tower.proj.shape[1]:
+                raise UserError(f"{name}: the text tower of {path} ({text_tower.token_embedding.num_embeddings} tokens, {embed_dim}-d) does "
+                                f"not fit the BPE vocabulary ({n_vocab} tokens) or the image tower ({tower.proj.shape[1]}-d)")
+            # d_m = normalize(mean_k t_k - mean_k s_k) over NADA's templates
+            text_directions.append(text_direction(prompt_embeddings(text_tower, args.target_text, args.clip_vocab),
+                                                  prompt_embeddings(text_tower, args.source_text, args.clip_vocab)))
+            select_targets.append(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, ("{}",))[0])  # t_m, [D]
+    else:
+        with torch.no_grad():
+            for tower in towers:
+                x = torch.cat([load_reference(p, tower.resolution) for p in references]).to(device)
+                emb, tokens = tower(x, return_layers=(args.clip_layer,) if local else ())
+                ref_emb.append(emb)  # [n, D]
+                if local:
+                    ref_tokens.append(reference_tokens(tokens[args.clip_layer], args.ref_tokens))  # [N, W] or [n N, W]
+                # t_m = normalize(mean_r normalize(e_r)), the release's target_image
+                select_targets.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
     encoder = None
-    if args.psp_model_weight > 0:
+    if not nada and args.psp_model_weight > 0:
         encoder = load_e4e(args.e4e).to(device)
         if args.e4e_bn == "train":
             encoder.train()  # release: BatchNorm on batch statistics
         if encoder.latent_avg.shape[0] < args.num_keep_first or encoder.latent_avg.shape[1] != latent_dim:
             raise UserError(f"e4e codes are {tuple(encoder.latent_avg.shape)} but the generator has {n_latent} x {latent_dim} "
                             f"and --num-keep-first {args.num_keep_first}")
-    if args.num_keep_first > n_latent:
+    if not nada and args.num_keep_first > n_latent:
         raise UserError(f"--num-keep-first {args.num_keep_first} exceeds the generator's {n_latent} W+ layers")
 
     g_optim = common.make_adam(params, args.lr, args.g_reg_every)
@@ -604,24 +521,32 @@ def main(argv=None):
         if encoder is not None and "e4e_buffers" in state:
             encoder.load_state_dict({**encoder.state_dict(), **state["e4e_buffers"]})
 
-    # METHOD: mu_m and the reference directions d_m (from the checkpoint on resume, else the cache or computed)
-    cache_path = os.path.join(run.root, "clip_source_mean.pt")
-    key = {"source": os.path.abspath(args.source), "models": ",".join(args.clip_models), "n": args.clip_mean_samples,
-           "antialias": antialias, "seed": args.seed, "clip_files": ",".join(map(str, args.clip_paths))}
-    if state is not None and "clip_source_mean" in state:
-        mus = [m.to(device) for m in state["clip_source_mean"]]
+    # METHOD: the directions d_m: from the texts; NADA's from images (mean of img2img_batch G_A samples); DiFa's
+    # from images with mu_m (from the checkpoint on resume, else the cache or computed)
+    mus = None
+    if text:
+        directions = text_directions
+    elif nada:
+        directions = [nada_image_direction(e, clip_source_mean(g_source, t, args.img2img_batch, args.clip_mean_batch, antialias, args.seed + 1))
+                      for e, t in zip(ref_emb, towers)]
     else:
-        try:
-            cached = torch.load(cache_path, weights_only=True) if os.path.exists(cache_path) else None
-        except Exception:
-            cached = None  # unreadable cache: recomputed below
-        if isinstance(cached, dict) and cached.get("key") == key:
-            mus = [m.to(device) for m in cached["mu"]]
+        cache_path = os.path.join(run.root, "clip_source_mean.pt")
+        key = {"source": os.path.abspath(args.source), "models": ",".join(args.clip_models), "n": args.clip_mean_samples,
+               "antialias": antialias, "seed": args.seed, "clip_files": ",".join(map(str, args.clip_paths))}
+        if state is not None and "clip_source_mean" in state:
+            mus = [m.to(device) for m in state["clip_source_mean"]]
         else:
-            print(f"computing the CLIP source mean from {args.clip_mean_samples} G_A samples")
-            mus = [clip_source_mean(g_source, t, args.clip_mean_samples, args.clip_mean_batch, antialias, args.seed + 1) for t in towers]
-            common.save_checkpoint(cache_path, {"key": key, "mu": [m.cpu() for m in mus]})
-    directions = [F.normalize(e - m, dim=-1, eps=1e-8) for e, m in zip(ref_emb, mus)]
+            try:
+                cached = torch.load(cache_path, weights_only=True) if os.path.exists(cache_path) else None
+            except Exception:
+                cached = None  # unreadable cache: recomputed below
+            if isinstance(cached, dict) and cached.get("key") == key:
+                mus = [m.to(device) for m in cached["mu"]]
+            else:
+                print(f"computing the CLIP source mean from {args.clip_mean_samples} G_A samples")
+                mus = [clip_source_mean(g_source, t, args.clip_mean_samples, args.clip_mean_batch, antialias, args.seed + 1) for t in towers]
+                common.save_checkpoint(cache_path, {"key": key, "mu": [m.cpu() for m in mus]})
+        directions = [reference_direction(e, m) for e, m in zip(ref_emb, mus)]  # d_m, each [D]
     if state is not None:
         common.set_rng_state(state["rng"])
         start = int(state["iter"])
@@ -634,14 +559,16 @@ def main(argv=None):
 
     def save(i_next):
         path = run.checkpoint_path(i_next)
-        extra = {"d": source_ckpt["d"]} if "d" in source_ckpt else {}
+        extra = {key: source_ckpt[key] for key in ("d", "extra_config") if key in source_ckpt}
         if encoder is not None and args.e4e_bn == "train":
             extra["e4e_buffers"] = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k or "num_batches" in k}
+        if mus is not None:
+            extra["clip_source_mean"] = [m.cpu() for m in mus]
         common.save_checkpoint(path, {
             "g": generator.state_dict(), "g_ema": generator.state_dict(), **extra,  # no EMA: g_ema is G_B, as the release
-            "g_optim": g_optim.state_dict(), "args": common.args_to_dict(args), "iter": i_next, "rng": common.get_rng_state(),
+            "g_optim": g_optim.state_dict(), "args": common.args_to_dict(args), "run_args": args.run_args, "iter": i_next,
+            "rng": common.get_rng_state(),
             "queues": queues.state_dict(), "sample_z": sample_z, "mean_latent": mean_latent,
-            "clip_source_mean": [m.cpu() for m in mus],
         })
         return path
 
@@ -650,29 +577,46 @@ def main(argv=None):
             adapted = generator([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0]
         common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None)
+    def selection_loss(w_plus):
+        """L_sel(w+) = sum_m c_m mean_b 1 - cos(E_m(G_B(w+)), t_m), w+ [B, L, D] (random noise, truncation 1)."""
+        x, _ = generator([w_plus], input_is_latent=True)
+        return sum(c * clip_similarity_loss(F.normalize(t(clip_input(x, t.resolution, antialias))[0], dim=-1), target)
+                   for t, c, target in zip(towers, args.clip_model_weights, select_targets))
+
+    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     pbar = common.progress_bar(start, args.iter)
     with common.StopOnInterrupt() as interrupt:
         for i in pbar:
             # METHOD: one w per sample, the same w for both generators, independent noise
+            z = torch.randn(args.batch, latent_dim, device=device)  # drawn before NADA's selection codes, as its train.py
+            losses = {}
+            if select:
+                # METHOD: NADA's layer selection on fresh codes w+_0 [B_sel, L, D], then only those layers train
+                with torch.no_grad():
+                    w_init = g_source.get_latent(torch.randn(args.auto_layer_batch, latent_dim, device=device))
+                w_init = w_init.unsqueeze(1).repeat(1, n_latent, 1)  # [B_sel, L, D]
+                chosen, select_loss = select_layers(w_init, selection_loss, args.auto_layer_iters, AUTO_LAYER_LR, k_layers)
+                for index, layer in enumerate(layers):
+                    layer.requires_grad_(index in chosen)
+                losses["select"] = select_loss.item()
             with torch.no_grad():
-                w = g_source.get_latent(torch.randn(args.batch, latent_dim, device=device))  # [B, D]
+                w = g_source.get_latent(z)  # [B, D]
                 x_a, _ = g_source([w], input_is_latent=True)
             x_b, _ = generator([w], input_is_latent=True)
 
             # METHOD: global and local CLIP losses, tokens from the same forward as E(x_B)
             global_loss, local_loss, clip_total = (torch.zeros((), device=device) for _ in range(3))
-            for tower, weight, direction, tokens_ref in zip(towers, args.clip_model_weights, directions, ref_tokens):
+            for m, (tower, weight, direction) in enumerate(zip(towers, args.clip_model_weights, directions)):
                 with torch.no_grad():
                     emb_a = F.normalize(tower(clip_input(x_a, tower.resolution, antialias))[0], dim=-1)
-                emb_b, tokens = tower(clip_input(x_b, tower.resolution, antialias), return_layers=(args.clip_layer,))
+                emb_b, tokens = tower(clip_input(x_b, tower.resolution, antialias), return_layers=(args.clip_layer,) if local else ())
                 g_m = global_clip_loss(F.normalize(emb_b, dim=-1), emb_a, direction)
-                l_m = attentive_style_loss(tokens[args.clip_layer], tokens_ref) if args.lambda_partial else torch.zeros((), device=device)
+                l_m = attentive_style_loss(tokens[args.clip_layer], ref_tokens[m]) if local else torch.zeros((), device=device)
                 clip_total = clip_total + weight * args.lambda_direction * (g_m + args.lambda_partial * l_m)
                 global_loss, local_loss = global_loss + weight * g_m.detach(), local_loss + weight * l_m.detach()
 
             # METHOD: selective cross-domain consistency (queues filled every step, ramped weight)
-            ramp = scc_ramp(i, args.iter, args.sliding_window_size)
+            ramp = 0.0 if nada else scc_ramp(i, args.iter, args.sliding_window_size)
             scc = torch.zeros((), device=device)
             if encoder is not None:
                 keep = args.num_keep_first
@@ -682,13 +626,21 @@ def main(argv=None):
                     codes_b = encoder(e4e_input(x_b, encoder.size, antialias))[:, :keep].flatten(1)  # [B, K]
                 queues.push(codes_a, codes_b)
                 scc = scc_loss(codes_b, codes_a, scc_mask(queues.delta_w(), args.psp_alpha))
-            loss = clip_total + args.psp_model_weight * ramp * scc
+            loss = clip_total if nada else clip_total + args.psp_model_weight * ramp * scc
             g_optim.zero_grad(set_to_none=True)
             loss.backward()
+            if select:
+                for p in params:  # layers not chosen: zero gradients, no update (Adam's beta1 = 0), as the release
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
             g_optim.step()
 
             # SHARED: logging, samples, checkpoints
-            losses = {"loss": loss.item(), "global": global_loss.item(), "local": local_loss.item(), "scc": scc.item(), "scc_ramp": ramp}
+            losses = {"loss": loss.item(), "global": global_loss.item(), **losses}
+            if not (nada or text):
+                losses["local"] = local_loss.item()
+            if not nada:
+                losses.update(scc=scc.item(), scc_ramp=ramp)
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
@@ -698,7 +650,7 @@ def main(argv=None):
             if interrupt.requested:
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with --resume {path}")
+                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)

@@ -11,11 +11,23 @@ Metrics
                own size (RSSA's and the progressive paper's protocol; --resize for the usual 299 px).
     kid        Kernel Inception Distance (cubic polynomial kernel, unbiased MMD^2, mean and std over 100
                subsets) on the same pool3 features as FID.
+    density-coverage
+               Naeem et al. 2020's density and coverage (k nearest neighbours, k = 5) of generated against real
+               images on the same pool3 features (CDC's supplement, Table 4).
+    pair       The same z and noise through two generators: LPIPS, MSE and the cosine similarity of a feature
+               network's embeddings (an ArcFace identity network when given, else Inception pool3) between the
+               two image sets (the progressive ASC paper's reconstruction, Table 2).
     compare    Several checkpoints against the same real / training sets: a Markdown table and a CSV.
 Pictures
     grid        the same z through the source and each adapted generator, one row per model (the papers' figure)
     interpolate linear paths in Z between fixed z as an animated GIF, source and adapted side by side
     export      N generated images as PNGs, for external tools
+Real images
+    invert      W+ codes of a folder of photos under the source: RSSA's optimisation (LPIPS-VGG + MSE), or an
+                e4e encoder; one codes.pt (file name -> [n_latent, D]) and a reconstruction grid
+    translate   each photo, its source reconstruction and the same code through every adapted generator
+    edit        latent edits of each photo's code (InterFaceGAN-style direction files, or the source's GANSpace
+                components pc0, pc1, ...), rendered by the source and each adapted generator, one strip per photo
 
 Generators are the `g_ema` of each checkpoint (rosinality format or ours). Truncation (< 1) uses the source
 generator's mean w (4096 samples) for every model, as CDC's generate.py. Generated images are quantised to
@@ -32,6 +44,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import warnings
 
 import numpy as np
@@ -41,7 +54,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint
+from stylegan2 import load_checkpoint, read_checkpoint
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fewshot-gan-adaptation")
 
@@ -50,11 +63,11 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fewshot-gan-adaptat
 # Networks with pretrained weights
 
 
-def _weights_error(what, filename, error):
+def _weights_error(command, what, filename, error):
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(
-        f"{what} needs the pretrained file {filename} in {cache} and it could not be downloaded "
+        f"evaluate.py {command} needs {what} {filename} in {cache} and it could not be downloaded "
         f"({reason[:120]}); copy that file there from a machine with internet access"
     )
 
@@ -76,9 +89,10 @@ def _random_fid_inception():
     return net
 
 
-def load_fid_inception(device, random_weights=False, dims=2048):
+def load_fid_inception(device, random_weights=False, dims=2048, command="fid"):
     """pytorch-fid's InceptionV3 returning the 2048-d pool3 features (as `python -m pytorch_fid` builds it);
-    dims 64 / 192 / 768 select an earlier block, as pytorch-fid's --dims."""
+    dims 64 / 192 / 768 select an earlier block, as pytorch-fid's --dims. `command` names the evaluate.py
+    command in the error when the weights are missing."""
     from unittest import mock
 
     from pytorch_fid import inception as fid
@@ -94,11 +108,11 @@ def load_fid_inception(device, random_weights=False, dims=2048):
     except UserError:
         raise
     except Exception as error:
-        raise _weights_error("FID", os.path.basename(fid.FID_WEIGHTS_URL), error) from None
+        raise _weights_error(command, "pytorch-fid's Inception weights", os.path.basename(fid.FID_WEIGHTS_URL), error) from None
     return model.eval().requires_grad_(False).to(device)
 
 
-def load_is_inception(device, random_weights=False):
+def load_is_inception(device, random_weights=False, command="is"):
     """torchvision's ImageNet Inception-v3 (1000 classes), transform_input=False, as the IS scripts use it."""
     from torchvision.models import Inception_V3_Weights, inception_v3
 
@@ -108,7 +122,7 @@ def load_is_inception(device, random_weights=False):
             weights = None if random_weights else Inception_V3_Weights.IMAGENET1K_V1
             model = inception_v3(weights=weights, aux_logits=True, transform_input=False, init_weights=random_weights)
     except Exception as error:
-        raise _weights_error("the Inception Score", "inception_v3_google-0cc3c7bd.pth", error) from None
+        raise _weights_error(command, "torchvision's ImageNet Inception-v3 weights", "inception_v3_google-0cc3c7bd.pth", error) from None
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -118,8 +132,13 @@ def load_is_inception(device, random_weights=False):
 
 def load_generator(path, device):
     """The g_ema of a checkpoint, in eval mode; for an RSSA checkpoint that holds its target codes, g_ema behind
-    RSSA's latent compression P (rssa.CompressedGenerator), since P is part of RSSA's adapted model."""
+    RSSA's latent compression P (rssa.CompressedGenerator), since P is part of RSSA's adapted model; for a
+    MineGAN or BSA checkpoint of baselines.py, g_ema with its miner or scale / shift (baselines.adapted_generator)."""
     models, raw = load_checkpoint(path, require=("g_ema",), device=device)
+    if raw.get("miner") is not None or raw.get("scale_shift") is not None:
+        from baselines import adapted_generator
+
+        return adapted_generator(path, device)
     if raw.get("latent_codes") is not None and raw.get("blend") is not None:
         from rssa import CompressedGenerator
 
@@ -326,7 +345,7 @@ def intra_cluster_lpips(model, generated, assignment, n_clusters, device, cluste
     rng = random.Random(seed)
     per_cluster = []
     counts = []
-    for k in range(n_clusters):
+    for k in tqdm(range(n_clusters), desc="IC-LPIPS clusters", leave=False):
         members = (assignment == k).nonzero().squeeze(1).tolist()
         counts.append(len(members))
         rng.shuffle(members)
@@ -386,6 +405,363 @@ def save_gif(path, frames, duration_ms=100):
 
 
 # ------------------------------------------------------------------------------------------------
+# Density and coverage (Naeem et al. 2020)
+
+
+def density_coverage(real_features, fake_features, k=5):
+    """Density and coverage of fake features [M, F] against real features [N, F] (arrays or tensors):
+        r_i      = distance from real X_i to its k-th nearest other real sample
+        density  = 1 / (k M) sum_j sum_i 1[ |Y_j - X_i| < r_i ]
+        coverage = 1 / N sum_i 1[ min_j |Y_j - X_i| < r_i ]
+    Returns (density, coverage)."""
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)  # [N, F]
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)  # [M, F]
+    if len(real) <= k:
+        raise UserError(f"density and coverage with k = {k} need more than {k} real images, got {len(real)}")
+    # the (k + 1)-th smallest distance of each row: the first is the sample itself
+    radii = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # [N]
+    inside = torch.cdist(real, fake) < radii[:, None]  # [N, M], Y_j in the ball of X_i
+    density = inside.sum().item() / (k * len(fake))
+    coverage = inside.any(1).double().mean().item()
+    return density, coverage
+
+
+# ------------------------------------------------------------------------------------------------
+# Pairs: the same z and noise through two generators
+
+
+@torch.no_grad()
+def paired_samples(g_a, g_b, n, batch, seed, device):
+    """uint8 images [N, 3, H, W] of g_a and of g_b for the same z and the same per-sample noise maps (seeded)."""
+    if (g_a.size, g_a.style_dim) != (g_b.size, g_b.style_dim):
+        raise UserError(f"the two generators differ: {g_a.size} px / style dim {g_a.style_dim} against "
+                        f"{g_b.size} px / style dim {g_b.style_dim}")
+    z = latents(n, g_a.style_dim, seed, device)  # [N, D]
+    noise_rng = torch.Generator().manual_seed(seed + 1)
+    shapes = [getattr(g_a.noises, f"noise_{k}").shape[-2:] for k in range(g_a.num_layers)]
+    images_a, images_b = [], []
+    for start in tqdm(range(0, n, batch), desc="generating pairs", leave=False):
+        chunk = z[start : start + batch]
+        noise = [torch.randn(len(chunk), 1, *shape, generator=noise_rng).to(device) for shape in shapes]  # [b, 1, r, r]
+        images_a.append(generate(g_a, chunk, batch, noise=noise))
+        images_b.append(generate(g_b, chunk, batch, noise=noise))
+    return torch.cat(images_a), torch.cat(images_b)
+
+
+class IdentityNet(torch.nn.Module):
+    """ArcFace IR-SE50 (model_ir_se50.pth of TreB1eN/InsightFace_Pytorch, the identity network of pSp's and e4e's
+    ID loss): input conv, the IR-SE body, then BN, flatten, linear 512 x 7 x 7 -> 512, BN; unit-length output."""
+
+    def __init__(self):
+        from torch import nn
+
+        blocks = pretrained_module().BottleneckIRSE
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        body, cin = [], 64
+        for width, units in zip((64, 128, 256, 512), (3, 4, 14, 3)):
+            for k in range(units):
+                body.append(blocks(cin, width, 2 if k == 0 else 1))
+                cin = width
+        self.body = nn.Sequential(*body)
+        self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(), nn.Flatten(), nn.Linear(512 * 7 * 7, 512),
+                                          nn.BatchNorm1d(512))
+
+    def forward(self, x):  # x: [B, 3, 112, 112] in [-1, 1]
+        return F.normalize(self.output_layer(self.body(self.input_layer(x))), dim=1)  # [B, 512]
+
+
+def identity_input(images):
+    """uint8 [N, 3, H, W] -> the ID loss's input: [-1, 1], pooled to 256 px, the face box rows 35:223, columns
+    32:220 of an FFHQ-aligned face, pooled to 112 px: [N, 3, 112, 112]."""
+    x = F.adaptive_avg_pool2d(images.float() / 127.5 - 1, (256, 256))  # [N, 3, 256, 256]
+    return F.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], (112, 112))  # [N, 3, 112, 112]
+
+
+def load_identity_network(path, device):
+    if not os.path.isfile(path):
+        raise UserError(f"identity network not found: {path} (ArcFace IR-SE50 model_ir_se50.pth, as pSp / e4e use it)")
+    state = read_checkpoint(path)
+    net = IdentityNet()
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not an ArcFace IR-SE50 state dict ({str(error).strip().splitlines()[0][:160]})") from None
+    return net.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def embeddings(images, batch, device, identity_net=None, inception=None):
+    """Features [N, F] (float64 numpy) of uint8 images: the identity network's when given, else Inception pool3."""
+    if identity_net is None:
+        return inception_features(inception, list(images), batch, device, desc="pool3 features")
+    chunks = [identity_net(identity_input(images[k : k + batch]).to(device)).cpu().double()
+              for k in range(0, len(images), batch)]
+    return torch.cat(chunks).numpy()
+
+
+@torch.no_grad()
+def pair_metrics(images_a, images_b, lpips_model, batch, device, identity_net=None, inception=None):
+    """Means over pairs of LPIPS-VGG (at the images' own size), MSE (images in [-1, 1]) and the cosine similarity
+    of the embeddings: {"pair_lpips", "pair_mse", "pair_cosine"}."""
+    size = images_a.shape[-1]
+    lpips_values = []
+    for start in range(0, len(images_a), batch):
+        feats_a = lpips_features(lpips_model, _lpips_input(images_a[start : start + batch], size).to(device))
+        feats_b = lpips_features(lpips_model, _lpips_input(images_b[start : start + batch], size).to(device))
+        lpips_values.append(lpips_from_features(lpips_model, feats_a, feats_b).cpu())
+    x_a, x_b = images_a.float() / 127.5 - 1, images_b.float() / 127.5 - 1  # [N, 3, H, W]
+    # mean_pixels (a - b)^2 per pair
+    mse = (x_a - x_b).square().flatten(1).mean(1)  # [N]
+    e_a = embeddings(images_a, batch, device, identity_net, inception)  # [N, F]
+    e_b = embeddings(images_b, batch, device, identity_net, inception)  # [N, F]
+    unit_a = e_a / np.maximum(np.linalg.norm(e_a, axis=1, keepdims=True), 1e-30)  # [N, F]
+    unit_b = e_b / np.maximum(np.linalg.norm(e_b, axis=1, keepdims=True), 1e-30)  # [N, F]
+    cosine = (unit_a * unit_b).sum(1)  # [N], cos(e_a, e_b) per pair
+    return {"pair_lpips": torch.cat(lpips_values).mean().item(), "pair_mse": mse.mean().item(),
+            "pair_cosine": float(cosine.mean())}
+
+
+def feature_network(args, device, command, inception=None):
+    """(identity network or None, Inception or None, its name for the output) for pair metrics; `inception`:
+    the --dims Inception when already loaded."""
+    if args.identity:
+        return load_identity_network(args.identity, device), None, f"ArcFace identity features of {args.identity}"
+    name = "Inception pool3 features" if args.dims == 2048 else f"Inception {args.dims}-d features (--dims)"
+    return None, inception or load_fid_inception(device, args.random_weights, args.dims, command=command), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Real images: inversion, translation and editing
+
+
+def pretrained_module():
+    """pretrained.py (the e4e encoder and its IR-SE blocks), or difa.py, which re-exports them, where it is absent."""
+    try:
+        import pretrained
+    except ImportError:
+        import difa as pretrained
+    return pretrained
+
+
+def load_source(path, device):
+    """The source's g_ema as a plain generator (no RSSA compression): the space photos are inverted into."""
+    return load_checkpoint(path, require=("g_ema",), device=device)[0]["g_ema"]
+
+
+def read_photos(folder, size):
+    """(file names, uint8 images [N, 3, size, size]): every image of the folder resized (shorter side) and
+    centre-cropped as the training images are (common.load_image), small ones upscaled."""
+    try:
+        files = common.list_images(folder)
+    except UserError as error:
+        raise UserError(f"--images: {error}") from None
+    images = torch.stack([common.load_image(f, size, allow_upscale=True) for f in files])  # [N, 3, S, S]
+    return [os.path.basename(f) for f in files], images
+
+
+def model_names(paths, names=None):
+    """A name per checkpoint: --names, else the run folder of <run>/checkpoints/x.pt, else the file name."""
+    if names is None:
+        names = [os.path.basename(common.checkpoint_run_folder(p) or os.path.splitext(p)[0]) for p in paths]
+    if len(names) != len(paths):
+        raise UserError(f"--names gives {len(names)} names for {len(paths)} checkpoints")
+    if len(set(names)) != len(names) or "source" in names:
+        raise UserError(f"the checkpoints' names {', '.join(names)} are not distinct (or one is 'source'); give --names")
+    return names
+
+
+@torch.no_grad()
+def render_codes(g, codes, noise):
+    """uint8 images [N, 3, H, W] of W+ codes [N, n_latent, D] through g, one code per call (so a code renders the
+    same pixels in every picture); an RSSA generator (rssa.CompressedGenerator) renders P(w), as it samples."""
+    from rssa import CompressedGenerator, compress_latents
+
+    images = []
+    for code in codes:
+        w = code[None]  # [1, L, D]
+        if isinstance(g, CompressedGenerator):
+            w = compress_latents(w, g.projectors, g.blend)  # [1, L, D], P in W+
+        image, _ = g([w], input_is_latent=True, noise=noise)  # [1, 3, H, W]
+        images.append(to_uint8(image).cpu())
+    return torch.cat(images)
+
+
+def fixed_noise(g):
+    """g's fixed noise buffers: the noise the inversion used, given to every generator."""
+    return [getattr(g.noises, f"noise_{k}") for k in range(g.num_layers)]
+
+
+@torch.no_grad()
+def photo_lpips(lpips_model, renders, photos, device):
+    """LPIPS [N] between uint8 renders and uint8 photos, at their own size."""
+    return lpips_model(renders.to(device).float() / 127.5 - 1, photos.to(device).float() / 127.5 - 1).flatten().cpu()
+
+
+@torch.no_grad()
+def encode_e4e(path, source, photos, batch, device):
+    """W+ codes [N, n_latent, D] of uint8 photos by an e4e encoder, which must encode into the source's W+."""
+    pretrained = pretrained_module()
+    encoder = pretrained.load_e4e(path).to(device)
+    if tuple(encoder.latent_avg.shape) != (source.n_latent, source.style_dim):
+        raise UserError(f"{path} encodes into W+ of {tuple(encoder.latent_avg.shape)} codes, the source's W+ is "
+                        f"{(source.n_latent, source.style_dim)}: an e4e encoder fits only the generator it was trained for")
+    codes = []
+    for start in tqdm(range(0, len(photos), batch), desc="e4e", leave=False):
+        x = photos[start : start + batch].to(device).float() / 127.5 - 1  # [b, 3, S, S]
+        codes.append(encoder(pretrained.e4e_input(x, encoder.size)))  # [b, L, D]
+    return torch.cat(codes)
+
+
+def invert_photos(args, source, photos, device):
+    """W+ codes [N, n_latent, D] of uint8 photos [N, 3, S, S]: e4e with --e4e, else RSSA's optimisation in
+    chunks of --batch from one w_avg (the per-image problems are independent: the chunking changes nothing)."""
+    if args.e4e:
+        return encode_e4e(args.e4e, source, photos, args.batch, device)
+    lpips_model = common.load_lpips("vgg", device, random_backbone=args.random_weights)
+    w_avg = common.mean_w(source)  # [D]
+    codes = []
+    for start in range(0, len(photos), args.batch):
+        x = photos[start : start + args.batch].to(device).float() / 127.5 - 1  # [b, 3, S, S]
+        chunk_codes, _ = common.invert_wplus(source, x, lpips_model, args.steps, args.lr, w_avg)  # [b, L, D]
+        codes.append(chunk_codes)
+    return torch.cat(codes)
+
+
+def read_codes(path, names, source):
+    """The codes [N, n_latent, D] of the photos `names` from an `invert` codes file."""
+    if not os.path.isfile(path):
+        raise UserError(f"--codes file not found: {path}")
+    stored = read_checkpoint(path)
+    if not isinstance(stored, dict) or not all(torch.is_tensor(v) for v in stored.values()):
+        raise UserError(f"{path} is not a codes file of `evaluate.py invert` (a dict: image file name -> W+ code)")
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise UserError(f"{path} has no code for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                        "run `evaluate.py invert` on this --images folder")
+    codes = torch.stack([stored[n].float() for n in names])  # [N, L, D]
+    if codes.shape[1:] != (source.n_latent, source.style_dim):
+        raise UserError(f"{path} holds codes of shape {tuple(codes.shape[1:])}; the source's W+ is "
+                        f"{(source.n_latent, source.style_dim)}")
+    return codes
+
+
+def photo_codes(args, source, names, photos, device):
+    """--codes when given, else the inversion, written to <out>/codes.pt for reuse."""
+    if args.codes:
+        return read_codes(args.codes, names, source).to(device)
+    codes = invert_photos(args, source, photos, device)
+    save_codes(os.path.join(args.out, "codes.pt"), names, codes)
+    return codes
+
+
+def save_codes(path, names, codes):
+    common.save_checkpoint(path, {name: code.cpu() for name, code in zip(names, codes)})
+    print(f"wrote {path} ({len(names)} W+ codes)")
+
+
+def save_strip(path, images, nrow):
+    """uint8 images [N, 3, H, W] as a grid of nrow columns."""
+    common.save_png(path, common.image_grid(images.float() / 127.5 - 1, nrow))
+
+
+# The StyleGAN paper's coarse / middle / fine styles: 4^2-8^2, 16^2-32^2, 64^2 and up, two W+ slots per
+# resolution (GANSpace's and InterFaceGAN's usual 0-3 / 4-7 / 8-)
+LAYER_RANGES = {"coarse": (0, 4), "middle": (4, 8), "fine": (8, None)}
+
+
+def parse_layers(spec, n_latent):
+    """--layers: all, coarse, middle, fine, or W+ slots as comma-separated numbers and ranges (0-3,5) -> sorted slots."""
+    if spec == "all":
+        return list(range(n_latent))
+    if spec in LAYER_RANGES:
+        start, stop = LAYER_RANGES[spec]
+        slots = list(range(start, n_latent if stop is None else min(stop, n_latent)))
+        if not slots:
+            raise UserError(f"--layers {spec}: this generator's W+ has {n_latent} slots, none of them {spec} (slots {start}-)")
+        return slots
+    slots = set()
+    for item in spec.split(","):
+        bounds = item.split("-")
+        if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+            raise UserError(f"--layers {spec}: use all, coarse, middle, fine or slots like 0-3,5")
+        first, last = int(bounds[0]), int(bounds[-1])
+        if not 0 <= first <= last < n_latent:
+            raise UserError(f"--layers {spec}: slots must lie in 0-{n_latent - 1} (this generator's W+)")
+        slots.update(range(first, last + 1))
+    return sorted(slots)
+
+
+def ganspace_components(source, path, n_samples, device, cache_dir=CACHE_DIR, seed=0):
+    """GANSpace (Härkönen et al. 2020) directions of the source's W: the principal axes of n_samples mapped
+    z ~ N(0, I), cached by checkpoint and sample count. Returns (components [D, D], one unit vector per row by
+    decreasing variance, sign: largest entry positive; standard deviations along them [D])."""
+    stat = os.stat(path)
+    key = hashlib.sha1(f"ganspace|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{n_samples}|{seed}".encode())
+    cache = os.path.join(cache_dir, f"ganspace_{key.hexdigest()[:16]}.pt")
+    if os.path.exists(cache):
+        stored = torch.load(cache, weights_only=True)
+        return stored["components"].to(device), stored["stdevs"].to(device)
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = torch.cat([source.style(torch.randn(min(10000, n_samples - k), source.style_dim, generator=rng).to(device)).double()
+                       for k in tqdm(range(0, n_samples, 10000), desc="GANSpace samples", leave=False)])  # [N, D]
+    centred = w - w.mean(0)  # [N, D]
+    variances, axes = torch.linalg.eigh(centred.T @ centred / (len(w) - 1))  # ascending, axes as columns [D, D]
+    components = axes.flip(1).T  # [D, D], rows by decreasing variance
+    largest = components.gather(1, components.abs().argmax(1, keepdim=True))  # [D, 1]
+    components = (components * largest.sign()).float()  # [D, D]
+    stdevs = variances.flip(0).clamp_min(0).sqrt().float()  # [D]
+    os.makedirs(cache_dir, exist_ok=True)
+    common.save_checkpoint(cache, {"components": components.cpu(), "stdevs": stdevs.cpu()})
+    return components, stdevs
+
+
+def edit_direction(spec, source, args, device):
+    """The edit direction [n_latent, D] and its unit: pcK, the source's K-th GANSpace component times its
+    standard deviation (strength in standard deviations), or a file (.npy / .pt) of shape [D], [1, D] or
+    [n_latent, D], taken as it is (InterFaceGAN boundaries are unit normals)."""
+    n_latent, dim = source.n_latent, source.style_dim
+    component = re.fullmatch(r"pc(\d+)", spec)
+    if component:
+        k = int(component.group(1))
+        if k >= dim:
+            raise UserError(f"--direction {spec}: W has {dim} principal components (pc0-pc{dim - 1})")
+        components, stdevs = ganspace_components(source, args.source, args.pca_samples, device, args.cache_dir)
+        return (stdevs[k] * components[k]).expand(n_latent, dim), f"standard deviations along GANSpace pc{k}"
+    if not os.path.isfile(spec):
+        raise UserError(f"direction file not found: {spec} (a .npy or .pt boundary, or pc0, pc1, ... for GANSpace)")
+    if spec.endswith(".npy"):
+        try:
+            direction = torch.from_numpy(np.load(spec, allow_pickle=False)).float()
+        except (ValueError, OSError) as error:
+            raise UserError(f"cannot read direction {spec}: {str(error).splitlines()[0]}") from None
+    elif spec.endswith(".pt"):
+        direction = read_checkpoint(spec)
+        if not torch.is_tensor(direction):
+            raise UserError(f"{spec} holds a {type(direction).__name__}, not a direction tensor")
+        direction = direction.float()
+    else:
+        raise UserError(f"direction {spec}: use a .npy or .pt file, or pc0, pc1, ... for GANSpace")
+    if tuple(direction.shape) in ((dim,), (1, dim)):
+        return direction.reshape(1, dim).expand(n_latent, dim).to(device), f"units of {os.path.basename(spec)}"
+    if tuple(direction.shape) == (n_latent, dim):
+        return direction.to(device), f"units of {os.path.basename(spec)}"
+    raise UserError(f"direction {spec} has shape {tuple(direction.shape)}; this source needs [{dim}], [1, {dim}] "
+                    f"or [{n_latent}, {dim}]")
+
+
+def edited_codes(code, direction, strengths, slots):
+    """code [L, D] moved by strength * direction on the W+ slots `slots` only: [S, L, D] for S strengths."""
+    mask = torch.zeros(code.shape[0], 1, device=code.device)  # [L, 1]
+    mask[slots] = 1
+    step = mask * direction  # [L, D]
+    s = torch.tensor(strengths, device=code.device, dtype=code.dtype)[:, None, None]  # [S, 1, 1]
+    # w' = w + s d on the chosen slots (s = 0: w itself, bit for bit)
+    return code[None] + s * step[None]  # [S, L, D]
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -394,8 +770,11 @@ def latents(n, dim, seed, device):
     return torch.randn(n, dim, generator=generator).to(device)  # [N, D], the same on every device
 
 
-def metrics_for(path, args, device, real_stats=None, fid_model=None, lpips_model=None, centers=None, is_model=None):
-    """The metrics asked for in args, for one checkpoint; returns a dict."""
+def metrics_for(path, args, device, real_stats=None, fid_model=None, lpips_model=None, centers=None, is_model=None,
+                real_feats=None, pairing=None):
+    """The metrics asked for in args, for one checkpoint; returns a dict. real_feats: the real images' pool3
+    features (density and coverage); pairing: (reference generator, LPIPS model, identity network or None,
+    Inception or None) for the pair columns."""
     g = load_generator(path, device)
     z = latents(args.n, g.style_dim, args.seed, device)
     generated = generate(g, z, args.batch, progress=f"generating ({os.path.basename(path)})")
@@ -404,6 +783,12 @@ def metrics_for(path, args, device, real_stats=None, fid_model=None, lpips_model
         feats = inception_features(fid_model, list(generated), args.batch, device, desc="fid features")
         mu, sigma = feature_statistics(feats)
         result["fid"] = frechet_distance(mu, sigma, real_stats[0], real_stats[1])
+        if real_feats is not None:
+            result["density"], result["coverage"] = density_coverage(real_feats, feats, args.k)
+    if pairing is not None:
+        reference, pair_lpips, identity_net, inception = pairing
+        images, reference_images = paired_samples(g, reference, args.n, args.batch, args.seed, device)
+        result.update(pair_metrics(images, reference_images, pair_lpips, args.batch, device, identity_net, inception))
     if lpips_model is not None:
         n_lpips = min(args.n_lpips, len(generated))
         assignment = assign_clusters(lpips_model, generated[:n_lpips], centers, args.batch, device)
@@ -436,7 +821,7 @@ def cmd_fid(args, device):
 
 
 def cmd_kid(args, device):
-    model = load_fid_inception(device, args.random_weights, args.dims)
+    model = load_fid_inception(device, args.random_weights, args.dims, command="kid")
     _, real = read_folder(args.real)
     feats_real = inception_features(model, real, args.batch, device, desc="real features")
     g = load_generator(args.ckpt, device)
@@ -475,20 +860,28 @@ def cmd_compare(args, device):
     names = args.names or [os.path.splitext(os.path.basename(p))[0] for p in args.ckpt]
     if len(names) != len(args.ckpt):
         raise UserError(f"--names gives {len(names)} names for {len(args.ckpt)} checkpoints")
-    fid_model = real = lpips_model = centers = is_model = None
+    fid_model = real = lpips_model = centers = is_model = real_feats = pairing = None
     if args.real:
-        fid_model = load_fid_inception(device, args.random_weights, args.dims)
+        fid_model = load_fid_inception(device, args.random_weights, args.dims, command="compare (FID column)")
         tag = f"{'random' if args.random_weights else 'pretrained'}-{args.dims}"
         real = real_statistics(args.real, fid_model, args.batch, device, args.cache_dir, tag)
-    if args.train:
+        if args.density_coverage:
+            real_feats = inception_features(fid_model, read_folder(args.real)[1], args.batch, device, desc="real features")
+    if args.train or args.pair_with:
         lpips_model = common.load_lpips("vgg", device, random_backbone=args.random_weights)
+    if args.pair_with:
+        identity_net, inception, feature_name = feature_network(args, device, "compare (pair columns)", fid_model)
+        pairing = (load_generator(args.pair_with, device), lpips_model, identity_net, inception)
+        print(f"pair columns: each checkpoint against {args.pair_with}, {args.n} pairs of the same z and noise; "
+              f"cosine of the {feature_name}")
     if not args.no_is:
-        is_model = load_is_inception(device, args.random_weights)
+        is_model = load_is_inception(device, args.random_weights, command="compare (IS column, --no-is to skip it)")
     rows = []
     for name, path in zip(names, args.ckpt):
         if args.train:
             centers = common.ImageFolder(args.train, load_generator(path, "cpu").size).images
-        rows.append({"method": name, **metrics_for(path, args, device, real, fid_model, lpips_model, centers, is_model)})
+        rows.append({"method": name, **metrics_for(path, args, device, real, fid_model, lpips_model if args.train else None,
+                                                   centers, is_model, real_feats, pairing)})
     table = markdown_table(rows)
     print(table)
     with open(args.csv, "w", newline="") as f:
@@ -500,37 +893,36 @@ def cmd_compare(args, device):
     return rows
 
 
+# compare's columns: (result key, header, cell text), in table order
+TABLE_COLUMNS = (
+    ("fid", "FID", lambda r: f"{r['fid']:.2f}"),
+    ("ic_lpips", "IC-LPIPS", lambda r: f"{r['ic_lpips']:.4f} ± {r['ic_lpips_std']:.4f}"),
+    ("is", "IS", lambda r: f"{r['is']:.3f} ± {r['is_std']:.3f}"),
+    ("density", "density", lambda r: f"{r['density']:.3f}"),
+    ("coverage", "coverage", lambda r: f"{r['coverage']:.3f}"),
+    ("pair_lpips", "pair LPIPS", lambda r: f"{r['pair_lpips']:.4f}"),
+    ("pair_mse", "pair MSE", lambda r: f"{r['pair_mse']:.5f}"),
+    ("pair_cosine", "pair cosine", lambda r: f"{r['pair_cosine']:.4f}"),
+)
+
+
 def markdown_table(rows):
-    """| method | FID | IC-LPIPS | IS | with the columns that were computed."""
-    header, cells = ["method"], lambda r: [r["method"]]
-    if any("fid" in r for r in rows):
-        header.append("FID")
-    if any("ic_lpips" in r for r in rows):
-        header.append("IC-LPIPS")
-    if any("is" in r for r in rows):
-        header.append("IS")
+    """| method | FID | IC-LPIPS | IS | ... with the columns that were computed."""
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in r for r in rows)]
+    header = ["method"] + [c[1] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        values = cells(r)
-        if "FID" in header:
-            values.append(f"{r['fid']:.2f}")
-        if "IC-LPIPS" in header:
-            values.append(f"{r['ic_lpips']:.4f} ± {r['ic_lpips_std']:.4f}")
-        if "IS" in header:
-            values.append(f"{r['is']:.3f} ± {r['is_std']:.3f}")
-        lines.append("| " + " | ".join(values) + " |")
+        lines.append("| " + " | ".join([r["method"]] + [cell(r) for _, _, cell in columns]) + " |")
     return "\n".join(lines)
 
 
 def cmd_grid(args, device):
     source = load_generator(args.source, device)
     models = [source] + [load_generator(p, device) for p in args.ckpt]
-    sizes = {m.size for m in models}
-    if len(sizes) > 1:
-        raise UserError(f"the generators have different resolutions ({sorted(sizes)})")
+    check_sizes(models)
     z = latents(args.n, source.style_dim, args.seed, device)
     w_avg = source_mean_latent(source, args.truncation, device)
-    noise = [getattr(source.noises, f"noise_{k}") for k in range(source.num_layers)]  # one noise for all rows
+    noise = fixed_noise(source)  # one noise for all rows
     grid = correspondence_grid(models, z, args.truncation, w_avg, noise)
     common.save_png(args.out, grid)
     print(f"wrote {args.out} ({len(models)} rows: source, {', '.join(args.ckpt)})")
@@ -540,7 +932,7 @@ def cmd_interpolate(args, device):
     source, adapted = load_generator(args.source, device), load_generator(args.ckpt, device)
     z = latents(args.keyframes, source.style_dim, args.seed, device)
     w_avg = source_mean_latent(source, args.truncation, device)
-    noise = [getattr(source.noises, f"noise_{k}") for k in range(source.num_layers)]
+    noise = fixed_noise(source)
     frames = interpolation_frames(source, adapted, z, args.steps, args.truncation, w_avg, noise)
     save_gif(args.out, frames, args.duration)
     print(f"wrote {args.out} ({len(frames)} frames)")
@@ -559,6 +951,102 @@ def cmd_export(args, device):
         for k, image in enumerate(images):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(args.out, f"{start + k:06d}.png"))
     print(f"wrote {args.n} images to {args.out}")
+
+
+def cmd_density_coverage(args, device):
+    model = load_fid_inception(device, args.random_weights, args.dims, command="density-coverage")
+    _, real = read_folder(args.real)
+    feats_real = inception_features(model, real, args.batch, device, desc="real features")
+    g = load_generator(args.ckpt, device)
+    fake = list(generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating"))
+    feats_fake = inception_features(model, fake, args.batch, device, desc="fake features")
+    density, coverage = density_coverage(feats_real, feats_fake, args.k)
+    print(f"density {density:.4f}  coverage {coverage:.4f}  ({len(fake)} samples vs {len(real)} real images, k = {args.k}, "
+          f"Inception features {args.dims})")
+    return density, coverage
+
+
+def cmd_pair(args, device):
+    g_a, g_b = load_generator(args.a, device), load_generator(args.b, device)
+    lpips_model = common.load_lpips("vgg", device, random_backbone=args.random_weights)
+    identity_net, inception, feature_name = feature_network(args, device, "pair")
+    images_a, images_b = paired_samples(g_a, g_b, args.n, args.batch, args.seed, device)
+    result = pair_metrics(images_a, images_b, lpips_model, args.batch, device, identity_net, inception)
+    print(f"LPIPS {result['pair_lpips']:.4f}  MSE {result['pair_mse']:.5f}  cosine {result['pair_cosine']:.4f}  "
+          f"({args.n} pairs: the same z and noise through {args.a} and {args.b}; LPIPS-VGG at their own size, MSE on [-1, 1], "
+          f"cosine of the {feature_name})")
+    return result
+
+
+def cmd_invert(args, device):
+    source = load_source(args.source, device)
+    names, photos = read_photos(args.images, source.size)
+    codes = invert_photos(args, source, photos, device)
+    save_codes(os.path.join(args.out, "codes.pt"), names, codes)
+    noise = fixed_noise(source)
+    recon = render_codes(source, codes, noise)  # [N, 3, S, S] uint8
+    z = latents(len(names), source.style_dim, args.seed + 1, device)  # [N, D]
+    with torch.no_grad():
+        random_codes = source.style(z)[:, None].expand(-1, source.n_latent, -1)  # [N, L, D]
+    random_images = render_codes(source, random_codes, noise)  # [N, 3, S, S] uint8
+    lpips_model = common.load_lpips("vgg", device, random_backbone=args.random_weights)
+    lpips_recon = photo_lpips(lpips_model, recon, photos, device)  # [N]
+    lpips_random = photo_lpips(lpips_model, random_images, photos, device)  # [N]
+    path = os.path.join(args.out, "reconstruction.png")
+    common.save_comparison_grid(path, photos.float() / 127.5 - 1, recon.float() / 127.5 - 1)
+    print(f"wrote {path} (photos left, reconstructions right)")
+    how = f"e4e {args.e4e}" if args.e4e else f"{args.steps} optimisation steps"
+    print(f"reconstruction LPIPS {lpips_recon.mean():.4f} ({how}); a random code's {lpips_random.mean():.4f} "
+          f"(LPIPS-VGG{', random backbone' if args.random_weights else ''}, mean over {len(names)} images)")
+    return {"names": names, "codes": codes.cpu(), "lpips": lpips_recon, "lpips_random": lpips_random}
+
+
+def cmd_translate(args, device):
+    source = load_source(args.source, device)
+    names = model_names(args.ckpt, args.names)
+    models = [load_generator(p, device) for p in args.ckpt]
+    check_sizes([source, *models])
+    files, photos = read_photos(args.images, source.size)
+    codes = photo_codes(args, source, files, photos, device)  # [N, L, D]
+    noise = fixed_noise(source)
+    columns = [photos, render_codes(source, codes, noise)] + [render_codes(g, codes, noise) for g in models]  # each [N, 3, S, S]
+    for k, file in enumerate(files):
+        stem = os.path.splitext(file)[0]
+        for name, images in zip(["source", *names], columns[1:]):
+            common.save_png(os.path.join(args.out, f"{stem}_{name}.png"), images[k])
+    grid = torch.stack(columns, 1).flatten(0, 1)  # [N (2 + K), 3, S, S], one row per photo
+    path = os.path.join(args.out, "translation.png")
+    save_strip(path, grid, len(columns))
+    print(f"wrote {path} (one row per photo: photo, source reconstruction, {', '.join(names)}) and one PNG per photo and model")
+    return columns
+
+
+def cmd_edit(args, device):
+    source = load_source(args.source, device)
+    names = model_names(args.ckpt, args.names)
+    models = [load_generator(p, device) for p in args.ckpt]
+    check_sizes([source, *models])
+    direction, unit = edit_direction(args.direction, source, args, device)  # [L, D]
+    slots = parse_layers(args.layers, source.n_latent)
+    files, photos = read_photos(args.images, source.size)
+    codes = photo_codes(args, source, files, photos, device)  # [N, L, D]
+    noise = fixed_noise(source)
+    strips = []
+    for file, code in zip(files, codes):
+        edited = edited_codes(code, direction, args.strength, slots)  # [S, L, D]
+        strip = torch.cat([render_codes(g, edited, noise) for g in [source, *models]])  # [(1 + K) S, 3, H, W]
+        path = os.path.join(args.out, f"{os.path.splitext(file)[0]}_edit.png")
+        save_strip(path, strip, len(args.strength))
+        strips.append(strip)
+    print(f"wrote {len(files)} strips to {args.out} (rows: source, {', '.join(names)}; columns: strengths "
+          f"{' '.join(f'{s:g}' for s in args.strength)} in {unit}; W+ slots {args.layers})")
+    return strips
+
+
+def check_sizes(models):
+    sizes = {m.size for m in models}
+    if len(sizes) > 1:
+        raise UserError(f"the generators have different resolutions ({sorted(sizes)})")
 
 
 def parse_args(argv=None):
@@ -601,6 +1089,19 @@ def parse_args(argv=None):
     p.add_argument("--train", required=True, help="folder of the training (few-shot) images: the cluster centres")
     p.add_argument("--cluster-size", type=int, default=50, help="members per cluster used (default 50: official feat_cluster.py)")
 
+    p = sub.add_parser("density-coverage", help="density and coverage (Naeem et al. 2020) against a folder of real images")
+    common_opts(p, 5000)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--real", required=True, help="folder of real target images")
+    p.add_argument("--k", type=int, default=5, help="nearest neighbours of the real balls (default 5: Naeem et al., CDC's supplement)")
+
+    p = sub.add_parser("pair", help="the same z and noise through two generators: LPIPS, MSE, feature cosine")
+    common_opts(p, 1000)
+    p.add_argument("--a", required=True, help="first checkpoint")
+    p.add_argument("--b", required=True, help="second checkpoint")
+    p.add_argument("--identity", help="ArcFace IR-SE50 weights (model_ir_se50.pth) for the cosine (default: Inception pool3 "
+                                      "features, or the block --dims selects)")
+
     p = sub.add_parser("compare", help="several checkpoints: Markdown table + CSV")
     common_opts(p, 5000)
     p.add_argument("--ckpt", nargs="+", required=True)
@@ -613,6 +1114,10 @@ def parse_args(argv=None):
     p.add_argument("--splits", type=int, default=10)
     p.add_argument("--resize", action="store_true")
     p.add_argument("--csv", default="results.csv", help="CSV output (default results.csv)")
+    p.add_argument("--density-coverage", action="store_true", help="density and coverage columns against --real")
+    p.add_argument("--k", type=int, default=5, help="nearest neighbours for density and coverage (default 5)")
+    p.add_argument("--pair-with", help="checkpoint each one is paired with (same z and noise): LPIPS, MSE and cosine columns")
+    p.add_argument("--identity", help="ArcFace IR-SE50 weights for the pair cosine (default: Inception pool3 features)")
 
     p = sub.add_parser("grid", help="correspondence grid: source and adapted generators, same z")
     p.add_argument("--source", required=True)
@@ -644,12 +1149,53 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output folder")
 
+    def photo_opts(p, out):
+        p.add_argument("--source", required=True, help="source checkpoint: the photos are inverted into its W+")
+        p.add_argument("--images", required=True, help="folder of photos (any size and format: shorter side resized, centre crop; "
+                                                       "faces FFHQ-aligned)")
+        p.add_argument("--out", default=out, help=f"output folder (default {out})")
+        p.add_argument("--steps", type=int, default=4001, help="optimisation steps (default 4001: RSSA's inversion)")
+        p.add_argument("--lr", type=float, default=0.1, help="Adam lr, halved every 1000 steps (default 0.1: RSSA's inversion)")
+        p.add_argument("--e4e", help="invert with this e4e encoder (e4e_ffhq_encode.pt) instead of optimisation")
+        p.add_argument("--batch", type=int, default=8, help="photos inverted together (default 8)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--random-weights", action="store_true", help="LPIPS with a random VGG: tests only")
+
+    def adapted_opts(p):
+        p.add_argument("--ckpt", nargs="+", required=True, help="adapted checkpoints")
+        p.add_argument("--names", nargs="+", help="their names in file names and output (default: run folder or file name)")
+        p.add_argument("--codes", help="codes.pt of `invert` for these photos (default: invert them, into <out>/codes.pt)")
+
+    p = sub.add_parser("invert", help="W+ codes of photos under the source (RSSA's optimisation or e4e)")
+    photo_opts(p, "inversion")
+
+    p = sub.add_parser("translate", help="photos through the source's inversion into adapted generators")
+    photo_opts(p, "translation")
+    adapted_opts(p)
+
+    p = sub.add_parser("edit", help="latent edits of photos, rendered by the source and adapted generators")
+    photo_opts(p, "edits")
+    adapted_opts(p)
+    p.add_argument("--direction", required=True,
+                   help="pcK: the source's K-th GANSpace component (strength in standard deviations), or a .npy / .pt "
+                        "direction of shape [D], [1, D] or [n_latent, D] (InterFaceGAN boundary; strength in its units)")
+    p.add_argument("--strength", type=float, nargs="+", default=[-3, -1.5, 0, 1.5, 3], help="strengths, one column each (default -3 -1.5 0 1.5 3)")
+    p.add_argument("--layers", default="all", help="W+ slots that move: all (default), coarse (0-3), middle (4-7), fine (8-) or e.g. 0-3,5")
+    p.add_argument("--pca-samples", type=int, default=100000, help="mapped samples for GANSpace (default 100000; cached)")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="where GANSpace components are cached")
+
     args = parser.parse_args(argv)
-    for name in ("n", "batch", "steps", "keyframes", "splits", "subsets", "subset_size", "cluster_size", "n_lpips"):
+    for name in ("n", "batch", "steps", "keyframes", "splits", "subsets", "subset_size", "cluster_size", "n_lpips", "k",
+                 "pca_samples"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if getattr(args, "truncation", 1.0) <= 0:
         raise UserError("--truncation must be positive")
+    if getattr(args, "lr", 1.0) <= 0:
+        raise UserError("--lr must be positive")
+    if getattr(args, "density_coverage", False) and not args.real:
+        raise UserError("--density-coverage needs --real (the real images' features)")
     return args
 
 
@@ -658,7 +1204,8 @@ def main(argv=None):
     device = common.resolve_device(args.device)
     torch.manual_seed(getattr(args, "seed", 0))
     handlers = {"fid": cmd_fid, "kid": cmd_kid, "is": cmd_is, "iclpips": cmd_iclpips, "compare": cmd_compare,
-                "grid": cmd_grid, "interpolate": cmd_interpolate, "export": cmd_export}
+                "grid": cmd_grid, "interpolate": cmd_interpolate, "export": cmd_export, "pair": cmd_pair,
+                "density-coverage": cmd_density_coverage, "invert": cmd_invert, "translate": cmd_translate, "edit": cmd_edit}
     return handlers[args.command](args, device)
 
 

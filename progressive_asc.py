@@ -34,8 +34,11 @@ paper, this file follows the code (the values of run_train.sh where its flags di
   --flow-gray rgb            COLOR_RGB2GRAY for the flow input (code: COLOR_BGR2GRAY on RGB data)
   --asc-sampler grid_sample  bilinear grid_sample at p + M(p) (code: RoIAlign on a 1x1 box, which averages
                              2 or 4 points on ~1% of boxes through float32 rounding)
-Ablations: --no-flow (aligned positions, no mask), --no-pred (uniform p), --no-cutoff, --asc-ref / --idc-ref
-source (the frozen G_s as reference, the code without --use_ema / --use_rel_ema), --no-asc, --no-idc.
+Ablations: --no-flow (aligned positions, no mask), --no-pred (uniform p), --no-cutoff (no mask), --asc-ref / --idc-ref
+source (the frozen G_s as reference, the code without --use_ema / --use_rel_ema), --no-asc, --no-idc; without the
+mask p is drawn from the raw edge map, as the official code (it min-max normalises only under the mask).
+Layers: --asc-layers official (default) is the official fixed list 1..10 at every size; --asc-layers to-half
+(1 .. num_layers - 3, up to size/2) is our scaling rule, equal at 256 px, deeper at 512 / 1024 px.
 Speed at the cost of faithfulness (off by default): --asc-latents shared computes L_asc on L_idc's latents (the
 spec's optional fusion), saving one G_n forward + backward and one G_{n-alpha} forward per iteration; the two
 terms then see the same z instead of independent draws.
@@ -43,7 +46,8 @@ Not reproduced (no effect on the values): g_ema's ASC forward with gradients (he
 Python loop with host syncs (here one roi_align per layer), the sequential per-image flow (here a thread
 pool on a GPU), unseeded NumPy and the random sigma draw of transforms.GaussianBlur (here every draw is from torch's
 seeded RNG), DataParallel, the dead d_ema / extra_ema, and the NaN crash of the min-max normalisation when a
-sampling map is constant (here that sample's p falls back to uniform).
+sampling map is constant and the multinomial crash of an all-zero raw map (here that sample's p falls back to
+uniform).
 """
 
 import argparse
@@ -65,6 +69,8 @@ WINSIZE_CAP = 32.0  # the official schedule multiplies while winsize < 32
 # the official Sobel module: twice the standard kernels (cross-correlation), G_y = G_x^T
 SOBEL_X = ((2.0, 0.0, -2.0), (4.0, 0.0, -4.0), (2.0, 0.0, -2.0))
 ASC_WEIGHT_FACTOR = 400  # lambda_asc = 400 * LFCw (official code)
+OFFICIAL_ASC_LAST_LAYER = 10  # official --LFC_layers "1,...,10" at every resolution
+ASC_LAYER_RULES = ("official", "to-half")  # the named --asc-layers lists (asc_layer_list)
 
 
 def parse_args(argv=None):
@@ -79,8 +85,11 @@ def parse_args(argv=None):
     # METHOD: align-free spatial correlation
     parser.add_argument("--lfcw", type=float, default=0.5,
                         help="lambda_asc = 400 * lfcw (default 0.5, i.e. lambda_asc 200 as the paper: run_train.sh; official argparse 0.4)")
-    parser.add_argument("--asc-layers", default=None,
-                        help="comma-separated generator feature indices (default: 1 .. num_layers - 3, i.e. 8^2 .. size/2; at 256 px the official 1..10)")
+    parser.add_argument("--asc-layers", default="official",
+                        help="generator feature indices of L_asc: official = the official --LFC_layers 1..10 at every size (default: "
+                             "official train.py; capped at the last layer below 128 px, e.g. 1..6 at 32 px); to-half = 1 .. num_layers - 3, "
+                             "every styled conv from 8^2 to size/2 (our scaling rule, NOT the official list above 256 px: 1..12 at 512, "
+                             "1..14 at 1024; equal at 256); or comma-separated indices")
     parser.add_argument("--asc-ref", choices=["ema", "source"], default="ema",
                         help="reference of L_asc: ema = G_{n-alpha} (official --use_ema, default); source = the frozen G_s")
     parser.add_argument("--cutoff", type=float, default=0.6,
@@ -129,9 +138,7 @@ def parse_args(argv=None):
         raise UserError("--cutoff must be in [0, 1], --blur 0 or odd, --winsize >= 1 and --winsize-inc >= 1")
     if args.asc_latents == "shared" and (args.no_asc or args.no_idc or args.asc_ref != args.idc_ref):
         raise UserError("--asc-latents shared needs both L_asc and L_idc, with the same reference (--asc-ref = --idc-ref)")
-    if args.out is None:
-        args.out = common.default_out_dir("progressive_asc", args.target)
-    return args
+    return common.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,17 +271,23 @@ def edge_map(images, blur=7, padding="zeros"):
 def sampling_distribution(edges, s, flow_s=None, cut=None, scale=1.0, kind="l1"):
     """Eq. (6): [B, s^2] sampling weights of p at one resolution s.
 
-    edges: [B, 1, H, W] edge map; flow_s: [B, 2, s, s] block-mean flow in feature pixels (None: no mask);
-    cut: the image-resolution eta-quantile, compared with the pooled magnitude against cut * s / H.
-    Block means, masked positions set to 0, then min-max normalised per sample (the minimum gets weight 0);
-    a constant map (official: NaN and a crash) gives uniform weights.
+    edges: [B, 1, H, W] edge map; flow_s: [B, 2, s, s] block-mean flow in feature pixels; cut: the
+    image-resolution eta-quantile, compared with the pooled magnitude against cut * s / H.
+    With the mask (flow_s and cut given; official use_flow and use_flow_pred): block means, masked positions
+    set to 0, then min-max normalised per sample, so the minimum gets weight 0; a constant map (official: NaN
+    and a crash) gives uniform weights. Without (flow_s or cut None: the --no-flow and --no-cutoff
+    ablations): the raw block means, as the official code, which normalises only under both switches, so
+    every position with an edge keeps a weight > 0; an all-zero map (official: a multinomial crash) gives
+    uniform weights.
     """
     pm = F.adaptive_avg_pool2d(edges, s).relu().flatten(1).nan_to_num()  # [B, s^2]
-    if flow_s is not None and cut is not None:
-        moved = flow_magnitude(flow_s, kind).flatten(1) > cut * scale  # [B, s^2]
-        pm = pm.masked_fill(moved, 0)
+    if flow_s is None or cut is None:
+        return torch.where(pm.sum(1, keepdim=True) > 0, pm, torch.ones_like(pm))  # [B, s^2], unnormalised
+    moved = flow_magnitude(flow_s, kind).flatten(1) > cut * scale  # [B, s^2]
+    pm = pm.masked_fill(moved, 0)
     lo, hi = pm.aminmax(dim=1, keepdim=True)  # [B, 1]
     span = hi - lo
+    # pi(p) = (pm(p) - min pm) / (max pm - min pm)
     return torch.where(span > 0, (pm - lo) / span.clamp_min(torch.finfo(pm.dtype).tiny), torch.ones_like(pm))
 
 
@@ -350,18 +363,48 @@ def asc_kl(sim_ref, sim_cur, sizes=None):
     """Eq. (8)-(9): KL(phi_{n-alpha} || phi_n) with 'mean' reduction (official nn.KLDivLoss(): / B sum M_l).
 
     phi = softmax over all pairs of a sample (sizes None, official) or over each layer's block of `sizes`.
+    sim_*: [B, sum M_l]; returns a 0-dim tensor in sim_cur's dtype.
     """
+    # Precision: log_softmax in float64, cast back. The KL is a small difference of log-probabilities near
+    # -log(sum M_l) (~ -6.9 for 992 pairs), so float32 loses ~ulp(6.9) = 5e-7 per entry. Relative error of
+    # the float32 loss (and of its gradient) against this KL evaluated in float64 on the same similarities,
+    # median over 40 batches of 4 at iteration 0 of the demo (32 px source, g_ema vs g, 224 pairs):
+    #   log_softmax in float32              2.1e-5 (grad 2.9e-6)
+    #   official log(softmax), float32      5.8e-6 (grad 1.2e-6)
+    #   float32 rewrite E_p[u + expm1(-u)] + log1p(y) - y,  y = E_p[expm1(-u)],  u = d - E_p[d],  d = S_ref - S_cur
+    #                                       4.6e-8 (grad 4.4e-7), but expm1 overflows for |d| > 88
+    #   log_softmax in float64 (this)       2.1e-8 (grad 2.6e-8): only the final float32 rounding, and as
+    #                                       stable as log_softmax for any input.
+    # On a 64 px random generator with G_n 1% away from G_{n-alpha} (KL 3e-8, 480 pairs) the same four give
+    # 5.5e-3, 1.4e-3, 2.2e-7, 1.8e-8: float32 degrades as G_n -> G_{n-alpha}. The cost ([B, ~1000] values) is nil.
+    ref, cur = sim_ref.detach().double(), sim_cur.double()  # [B, sum M_l]
     if sizes is None:
-        log_ref, log_cur = F.log_softmax(sim_ref.detach(), 1), F.log_softmax(sim_cur, 1)
+        # log phi = log softmax over the sample's pairs
+        log_ref, log_cur = F.log_softmax(ref, 1), F.log_softmax(cur, 1)  # [B, sum M_l]
     else:
-        log_ref = torch.cat([F.log_softmax(x, 1) for x in sim_ref.detach().split(sizes, 1)], 1)
-        log_cur = torch.cat([F.log_softmax(x, 1) for x in sim_cur.split(sizes, 1)], 1)
-    return (log_ref.exp() * (log_ref - log_cur)).mean()
+        # log phi = log softmax over each layer's block
+        log_ref = torch.cat([F.log_softmax(x, 1) for x in ref.split(sizes, 1)], 1)  # [B, sum M_l]
+        log_cur = torch.cat([F.log_softmax(x, 1) for x in cur.split(sizes, 1)], 1)
+    # (9) mean over B sum M_l of phi_ref (log phi_ref - log phi_cur)
+    return (log_ref.exp() * (log_ref - log_cur)).mean().to(sim_cur.dtype)
 
 
-def default_asc_layers(g):
-    """The official 1..10 at 256 px: every styled conv from 8^2 up to half the output size."""
-    return list(range(1, g.num_layers - 2))
+def asc_layer_list(num_layers, rule="official"):
+    """Generator feature indices of L_asc for a generator with num_layers styled convs (2 log2(size) - 3).
+
+    official: the official --LFC_layers 1..10 (train.py), the same list at every size (8^2..128^2), capped at
+              num_layers - 1 for a generator that has fewer (below 128 px: 1..6 at 32 px, up to the output size);
+    to-half:  1..num_layers - 3, every styled conv from 8^2 to size/2 (not the official list: equal to it at
+              256 px, 1..12 at 512 px, 1..14 at 1024 px; 1..4 at 32 px).
+    """
+    if rule == "official":
+        return list(range(1, min(OFFICIAL_ASC_LAST_LAYER, num_layers - 1) + 1))
+    return list(range(1, num_layers - 2))
+
+
+def default_asc_layers(g, rule="official"):
+    """asc_layer_list for generator g."""
+    return asc_layer_list(g.num_layers, rule)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,9 +431,12 @@ def main(argv=None):
     idc_ref = g_ema if args.idc_ref == "ema" else g_source
     asc_ref = g_ema if args.asc_ref == "ema" else g_source
     try:
-        asc_layers = [int(x) for x in args.asc_layers.split(",")] if args.asc_layers else default_asc_layers(generator)
+        if args.asc_layers in ASC_LAYER_RULES:
+            asc_layers = default_asc_layers(generator, args.asc_layers)
+        else:
+            asc_layers = [int(x) for x in args.asc_layers.split(",")]
     except ValueError:
-        raise UserError(f"--asc-layers {args.asc_layers!r}: expected comma-separated integers") from None
+        raise UserError(f"--asc-layers {args.asc_layers!r}: expected {' or '.join(ASC_LAYER_RULES)} or comma-separated integers") from None
     if not asc_layers or not all(0 <= layer < generator.num_layers for layer in asc_layers):
         raise UserError(f"--asc-layers must be in 0..{generator.num_layers - 1} for a {generator.size}-px generator")
     # METHOD: CDC's patch head, anchors and which D map each patch level reads
@@ -448,7 +494,7 @@ def main(argv=None):
         common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
         common.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None)
+    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
     pbar = common.progress_bar(start, args.iter)
     with ThreadPoolExecutor(max_workers=args.feat_const_batch) as flow_pool, common.StopOnInterrupt() as interrupt:
@@ -565,7 +611,7 @@ def main(argv=None):
             if interrupt.requested:
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with --resume {path}")
+                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)

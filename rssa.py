@@ -20,12 +20,14 @@ Objective (paper unavailable: reconstructed from the official code and the repos
                                                                     a 4x4 grid of windows at 64^2 and 128^2)
         L_dcc = sum_l mean_{j<k} mean_{p, a} | softmax_c R^s_jk,p(a, c) - softmax_c R^t_jk,p(a, c) |_1
     L_G = L_adv + 0.8 L_scc + 1[i mod 6 = 0] 0.4 L_dcc        (+ lazy path length every 4th iteration)
-    L_adv: CDC's (anchor iterations: image-level D; otherwise z ~ p_z with mixing and the 32x32 patch head).
+    L_adv: CDC's (anchor iterations: image-level D; otherwise z ~ p_z and the 32x32 patch head).
+    The codes that span P: one per target image (rule below; --span picks a subset).
 
 Differs from cdc.py:
-  - P on every generator latent (D step, G step, anchors, structure losses, path length, sample grids); two
-    mixed z are compressed separately and crossed over in W+. The target codes come from an inversion run
-    once and cached in the run folder.
+  - P on every generator latent (D step, G step, anchors, structure losses, path length, sample grids). The
+    target codes come from an inversion run once and cached in the run folder.
+  - No style mixing in effect: the second z is still drawn with probability 0.9 (same RNG draws as CDC's
+    mixing_noise), but the official generator takes W+ input and keeps the first code of a pair.
   - CDC's L_dist is gone; L_scc (every iteration) and L_dcc (every 6th) take its place, with the generators'
     fixed noise buffers on both sides.
   - G_t, G_s and g_ema all start from the source's g_ema (CDC: g); the checkpoint needs only g_ema and d.
@@ -39,6 +41,9 @@ z + r_i of one anchor, and skips P; P works in W+ (after the mapping), not in Z,
 L_scc has no softmax and uses fixed windows on pooled features; the weights 0.8 / 0.4 and the period 6 are
 the code's (the figure suggests L_scc + L_dcc); the blend tables were retuned after the released models.
 Official-code bugs behind flags (default: the official behaviour):
+  --mixing-fix              cross the two W+ codes over at k ~ U{1..n_latent-1} (an extra Python random
+                            draw), the style mixing the code intends: its Generator.forward sets inject_index
+                            = n_latent whenever input_is_latent=True, so every D / G step trains unmixed,
   --dcc-latents disturbed   use the disturbed codes 0.85 z_a + 0.15 n_i the code builds and never uses,
   --dcc-compress            pass them through P as the figure does,
   --no-compress             turn P off (the official --proj is a store_true with a truthy default),
@@ -47,12 +52,20 @@ Official-code bugs behind flags (default: the official behaviour):
                             and reuses the 4 structure-loss codes, the disturbed ones every 12th iteration),
   --invert-resize training  invert the training images (LANCZOS + centre crop), not a nearest-neighbour
                             stretch of the raw files.
-Not reproduced: codes indexed by os.listdir order (here keyed by file name), the last inversion step not
-saved, unseeded NumPy, non-strict loads, only g_ema saved, `Tensor.resize`, and the 4096 x 4096 Gram
-matrices held in memory (here computed in row blocks with the gradient fused in; same values).
+Which codes span P (official choose_idx, model.py): the 10-shot runs use range(10), all target images; the
+face -> VanGogh run uses range(9), i.e. all 9 images of its 9-image set (9_latentcode.npy belongs to no image
+of it); the 5-shot runs pick, from the 10-image set's inversion, fixed indices that are exactly their 5
+training images. So the rule here is: every target image's code (the default --span all); picking codes out
+of a larger inversion equals inverting those images alone (independent per-image problems, one shared w_avg
+start). The exception is run.sh's caricatures 5-shot line, which trains on the 10-image set with P spanned by
+5 of them: preset face2caricatures-5shot (--span 90,94,96,97,98, 5 anchors).
+The inversion runs 4001 Adam updates: invert_gan.py saves the code at step 4000 after that step's update.
+Not reproduced: codes indexed by os.listdir order (here keyed by file name), unseeded NumPy, non-strict
+loads, only g_ema saved, `Tensor.resize`, and the 4096 x 4096 Gram matrices held in memory (here computed in row blocks with the gradient fused in; same values).
 """
 
 import argparse
+import collections
 import copy
 import os
 import random
@@ -67,20 +80,23 @@ from stylegan2 import load_checkpoint, read_checkpoint
 # P's per-slot blend s_l by octave below the output resolution (output, /2, /4, /8, /16; coarser: 0); at
 # 256 px the official tables (face: Projection_module, church: Projection_module_church, HEAD 47f5701)
 BLEND_TABLES = {"face": (0.85, 0.65, 0.45, 0.05, 0.05), "church": (0.75, 0.55, 0.35, 0.05, 0.05)}
-# --preset: (blend table, iterations). Official run.sh: --iter 2002 (1502 caricatures, 1302 haunted 5-shot)
-# and final.pt written at i = iter - 2, i.e. after iter - 1 iterations
+# --preset: blend table, iterations, the target images whose codes span P ("all" or file names) and the number
+# of anchors (None: one per target image). Official run.sh: --iter 2002 (1502 caricatures, 1302 haunted
+# 5-shot) and final.pt written at i = iter - 2, i.e. after iter - 1 iterations. Its caricatures 5-shot line
+# trains on the 10-image set with --n_train 5 and --task 5, whose choose_idx [1, 3, 4, 6, 8] are the codes of
+# 98, 97, 94, 90, 96 (the listdir order of the shipped latents)
+Preset = collections.namedtuple("Preset", "blend iters span n_train", defaults=("all", None))
 PRESETS = {
-    "face": ("face", 2001),
-    "church": ("church", 2001),
-    "face2caricatures": ("face", 1501),
-    "face2sketches": ("face", 2001),
-    "face2vangogh": ("face", 2001),
-    "church2vangogh": ("church", 2001),
-    "church2haunted": ("church", 2001),
-    "church2haunted-5shot": ("church", 1301),
+    "face": Preset("face", 2001),
+    "church": Preset("church", 2001),
+    "face2caricatures": Preset("face", 1501),
+    "face2caricatures-5shot": Preset("face", 1501, "90,94,96,97,98", 5),
+    "face2sketches": Preset("face", 2001),
+    "face2vangogh": Preset("face", 2001),
+    "church2vangogh": Preset("church", 2001),
+    "church2haunted": Preset("church", 2001),
+    "church2haunted-5shot": Preset("church", 1301),
 }
-INVERT_LR_STEP, INVERT_LR_GAMMA = 1000, 0.5  # StepLR of the official invert_gan.py
-INVERT_MEAN_SAMPLES = 5120  # z samples for w_avg, the inversion's starting point (official invert_gan.py)
 GRAM_CHUNK_ELEMENTS = 2**24  # correlation entries per row block of L_scc (two such fp32 blocks: 128 MiB)
 
 
@@ -89,8 +105,11 @@ def parse_args(argv=None):
     common.add_common_args(parser, iter=2001)
     # METHOD: relaxed spatial structural alignment
     parser.add_argument("--preset", choices=sorted(PRESETS), default="face",
-                        help="source family (blend table) and iterations of an official run.sh line; --iter and --blend override it. "
-                             + "; ".join(f"{k}: {b} blend, {n} iterations" for k, (b, n) in PRESETS.items()))
+                        help="source family (blend table), iterations, span of P and anchors of an official run.sh line; --iter, "
+                             "--blend, --span and --n-train override it. "
+                             + "; ".join(f"{k}: {p.blend} blend, {p.iters} iterations"
+                                         + ("" if p.span == "all" else f", P spanned by {p.span}, {p.n_train} anchors")
+                                         for k, p in PRESETS.items()))
     parser.add_argument("--scc-wt", type=float, default=0.8, help="lambda_scc, weight of L_scc (default 0.8: official code; the paper's value is not known here)")
     parser.add_argument("--dcc-wt", type=float, default=0.4, help="lambda_dcc, weight of L_dcc (default 0.4: official code; the paper's value is not known here)")
     parser.add_argument("--dcc-every", type=int, default=6, help="L_dcc every k iterations (default 6: official dis_corr_freq; with --no-scc every iteration, as the official code)")
@@ -102,7 +121,7 @@ def parse_args(argv=None):
     parser.add_argument("--dcc-compress", action="store_true", help="pass the L_dcc codes through P as the paper's figure (official: no P; fix)")
     parser.add_argument("--path-latents", choices=["as_coded", "fresh"], default="as_coded",
                         help="as_coded: path length on the structure losses' N codes, the official code (default); "
-                             "fresh: mixing noise of batch / path-batch-shrink through P, as CDC (fix)")
+                             "fresh: mixing noise of batch / path-batch-shrink through P, as CDC (fix; crossed over only with --mixing-fix)")
     parser.add_argument("--no-scc", action="store_true", help="ablation: drop L_scc")
     parser.add_argument("--no-dcc", action="store_true", help="ablation: drop L_dcc")
     # METHOD: relaxed latent alignment (inversion + compression P)
@@ -111,8 +130,12 @@ def parse_args(argv=None):
                              "sizes other than 256: our choice) or n_latent comma-separated values (default: the preset's table)")
     parser.add_argument("--no-compress", action="store_true",
                         help="turn P off: no inversion, plain latents (official: always on, its --proj cannot be unset; fix)")
-    parser.add_argument("--invert-steps", type=int, default=4000,
-                        help="inversion Adam steps (default 4000: the last code the official invert_gan.py writes in its 4002 steps)")
+    parser.add_argument("--span", default=None,
+                        help="the target images whose codes span P: all, or comma-separated file names (extension optional) "
+                             "(default: the preset's, all except for face2caricatures-5shot: the official choose_idx, see the module docstring)")
+    parser.add_argument("--invert-steps", type=int, default=4001,
+                        help="inversion Adam updates (default 4001: official invert_gan.py saves its last code at step 4000 of "
+                             "4002, after that step's update)")
     parser.add_argument("--invert-lr", type=float, default=0.1, help="inversion Adam lr, halved every 1000 steps (default 0.1: official code)")
     parser.add_argument("--invert-resize", choices=["nearest", "training"], default="nearest",
                         help="nearest: the raw file stretched to the generator size, official code (default); "
@@ -123,7 +146,8 @@ def parse_args(argv=None):
     # METHOD: relaxed realism (anchors + patch discriminator), as CDC
     parser.add_argument("--subspace-freq", type=int, default=4, help="anchor iteration every k iterations (default 4: official code)")
     parser.add_argument("--subspace-std", type=float, default=0.1, help="sigma of the anchor regions (default 0.1: official code)")
-    parser.add_argument("--n-train", type=int, default=None, help="number of anchors (default: number of target images, as CDC's paper; official --n_train 10)")
+    parser.add_argument("--n-train", type=int, default=None,
+                        help="number of anchors (default: the preset's, else the number of target images, as CDC's paper; official --n_train 10)")
     parser.add_argument("--highp", type=int, default=1, help="patch map drawn from the first k of CDC's 4 maps (default 1: the 32x32 map, official code)")
     # SHARED: StyleGAN2 regularisers, as rosinality / the official code
     parser.add_argument("--r1", type=float, default=10, help="R1 weight gamma (default 10: official code)")
@@ -131,23 +155,29 @@ def parse_args(argv=None):
     parser.add_argument("--path-batch-shrink", type=int, default=2, help="path-length batch divisor with --path-latents fresh (default 2: official code)")
     parser.add_argument("--d-reg-every", type=int, default=16, help="lazy R1 interval (default 16: official code)")
     parser.add_argument("--g-reg-every", type=int, default=4, help="lazy path-length interval (default 4: official code)")
-    parser.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability on non-anchor iterations (default 0.9: official code)")
+    parser.add_argument("--mixing", type=float, default=0.9,
+                        help="probability of drawing a second z on non-anchor iterations (default 0.9: official code; without "
+                             "--mixing-fix the second code is drawn and dropped, as the official code does)")
+    parser.add_argument("--mixing-fix", action="store_true",
+                        help="cross the two W+ codes over at a random slot k ~ U{1..n_latent-1} (fix). Official code (default): "
+                             "Generator.forward sets inject_index = n_latent for input_is_latent=True, so a pair of W+ codes "
+                             "yields the first one only: no style mixing in effect")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present)")
     parser.set_defaults(iter=None)  # None: the preset's
     args = common.parse_args_or_demo(parser, argv, "rssa", **common.DEMO_SCHEDULE, invert_steps=500)
-    blend_table, preset_iter = PRESETS[args.preset]
-    args.iter = preset_iter if args.iter is None else args.iter
-    args.blend = args.blend or blend_table
+    preset = PRESETS[args.preset]
+    args.iter = preset.iters if args.iter is None else args.iter
+    args.blend = args.blend or preset.blend
+    args.span = args.span or preset.span
+    args.n_train = args.n_train or preset.n_train
     common.check_common_args(args)
     common.check_discriminator_batch(args.batch)
     if args.feat_const_batch < 2 or args.dcc_every < 1 or args.invert_steps < 1 or args.invert_lr <= 0:
         raise UserError("--feat-const-batch must be at least 2, --dcc-every and --invert-steps at least 1, --invert-lr positive")
     if args.subspace_freq < 1 or not 1 <= args.highp <= 4:
         raise UserError("--subspace-freq must be >= 1 and --highp in 1..4")
-    if args.out is None:
-        args.out = common.default_out_dir("rssa", args.target)
-    return args
+    return common.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,11 +332,15 @@ def compress_latents(w, projectors, blend):
     return s * p + (1 - s) * w  # [B, L, D]
 
 
-def latents_wplus(g, zs, projectors, blend):
-    """One W+ code [B, n_latent, D] from a list of z (two: style mixing): w = g.style(z), P(w) when projectors is
-    not None, then a crossover cat(w0[:, :k], w1[:, k:]) with k ~ U{1 .. n_latent - 1} (the official W+ mixing)."""
+def latents_wplus(g, zs, projectors, blend, mixing=False):
+    """One W+ code [B, n_latent, D] from a list of one or two z: w = g.style(z), then P(w) when projectors is not None.
+
+    Two z, mixing False (official code): the first code only. The official Generator.forward sets inject_index =
+    n_latent for input_is_latent=True, so cat(w0[:, :n_latent], w1[:, n_latent:]) = w0 and no Python random is
+    drawn; the official code also maps and compresses the second z, which changes no value or RNG state, so it
+    is skipped here. mixing True (fix): the crossover cat(w0[:, :k], w1[:, k:]) with k ~ U{1 .. n_latent - 1}."""
     ws = []
-    for z in zs:
+    for z in zs if mixing else zs[:1]:
         w = g.style(z)  # [B, D]
         ws.append(compress_latents(w, projectors, blend) if projectors is not None else w.unsqueeze(1).repeat(1, g.n_latent, 1))
     if len(ws) == 1:
@@ -319,7 +353,8 @@ class CompressedGenerator(torch.nn.Module):
     """An adapted RSSA generator as the official generate.py samples it, with P in front: z -> P(g.style(z)) ->
     g(input_is_latent=True). P is part of the adapted model (spec: used at inference), so evaluate.py and the
     demo testbed wrap an RSSA checkpoint's g_ema in this when the checkpoint holds target codes. Called like a
-    Generator with z lists (two: W+ mixing after P, as in training); truncation acts on P(w)."""
+    Generator with z lists (two: the first code only, as the official Generator with W+ input); truncation acts
+    on P(w)."""
 
     def __init__(self, g, codes, blend):
         super().__init__()
@@ -341,30 +376,6 @@ class CompressedGenerator(torch.nn.Module):
         return self.g(styles, input_is_latent=True, **kwargs)
 
 
-def invert(g, images, lpips_fn, steps, lr):
-    """W+ codes of `images` [N, 3, H, W] in [-1, 1] under g, the official optimisation (invert_gan.py):
-    w started at w_avg in every slot, Adam(lr, betas (0.9, 0.999)) halved every 1000 steps, fixed noise,
-        min_w LPIPS(G(w), x) + MSE(G(w), x).
-    All images at once (the per-image problems are independent and Adam is elementwise, so this equals one run
-    per image). Returns (codes [N, n_latent, D], per-image loss of every step [steps, N])."""
-    with torch.no_grad():
-        w_avg = g.style(torch.randn(INVERT_MEAN_SAMPLES, g.style_dim, device=images.device)).mean(0)  # [D]
-    latent = w_avg.repeat(images.shape[0], g.n_latent, 1).requires_grad_(True)  # [N, L, D]
-    optim = torch.optim.Adam([latent], lr=lr)
-    schedule = torch.optim.lr_scheduler.StepLR(optim, INVERT_LR_STEP, INVERT_LR_GAMMA)
-    history = []
-    for _ in common.progress_bar(0, steps):
-        recon, _ = g([latent], input_is_latent=True, randomize_noise=False)  # [N, 3, H, W], g's noise buffers
-        # LPIPS(G(w_i), x_i) + mean_pixels (G(w_i) - x_i)^2, per image
-        losses = lpips_fn(recon, images).flatten() + (recon - images).square().flatten(1).mean(1)  # [N]
-        optim.zero_grad()
-        losses.sum().backward()
-        optim.step()
-        schedule.step()
-        history.append(losses.detach())
-    return latent.detach(), torch.stack(history)
-
-
 def stretched_image(path, size):
     """The official inversion input: the file's RGB pixels stretched to size x size (nearest), in [-1, 1]: [3, S, S]."""
     from PIL import Image
@@ -373,6 +384,22 @@ def stretched_image(path, size):
         array = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
         pixels = array.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1  # [3, h, w]
     return F.interpolate(pixels[None], size=(size, size), mode="nearest")[0]  # [3, S, S]
+
+
+def span_indices(spec, names):
+    """Positions in the target files `names` of the images whose codes span P: all of them for "all" (the official
+    rule, see the module docstring), else the comma-separated file names, each with or without its extension."""
+    if spec == "all":
+        return list(range(len(names)))
+    picked = []
+    for item in spec.split(","):
+        matches = [k for k, name in enumerate(names) if item in (name, os.path.splitext(name)[0])]
+        if len(matches) != 1:
+            raise UserError(f"--span {spec}: {item!r} names {len(matches)} of the target images {', '.join(names)} (need exactly 1)")
+        picked.append(matches[0])
+    if len(set(picked)) != len(picked):
+        raise UserError(f"--span {spec}: an image is named twice")
+    return picked
 
 
 def target_codes(args, g, dataset, run, device):
@@ -397,7 +424,7 @@ def target_codes(args, g, dataset, run, device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed)
         lpips_fn = common.load_lpips("vgg", device, random_backbone=args.lpips_random_backbone)
-        codes, history = invert(g, images, lpips_fn, args.invert_steps, args.invert_lr)
+        codes, history = common.invert_wplus(g, images, lpips_fn, args.invert_steps, args.invert_lr)  # the official inversion
     with torch.no_grad():
         recon, _ = g([codes], input_is_latent=True, randomize_noise=False)  # [N, 3, S, S]
     common.save_comparison_grid(os.path.join(run.root, "target_codes.png"), images.cpu(), recon.cpu())
@@ -466,7 +493,10 @@ def main(argv=None):
     # METHOD: the target codes that span P (inverted once, cached in the run folder), P's projectors
     projectors = None
     if not args.no_compress:
-        codes = (codes if codes is not None else target_codes(args, g_source, dataset, run, device)).to(device)  # [N, L, D]
+        if codes is None:  # a resumed run holds the span's codes already
+            span = span_indices(args.span, [os.path.basename(f) for f in dataset.files])
+            codes = target_codes(args, g_source, dataset, run, device)[span]  # [N_span, L, D]
+        codes = codes.to(device)  # [N_span, L, D]
         projectors = span_projectors(codes)  # [n_latent, D, D]
 
     # SHARED: the source half of the sample grids (G_s(z) without P, as the official generate.py), one fixed noise
@@ -492,7 +522,7 @@ def main(argv=None):
         common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
         common.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None)
+    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_const = args.feat_const_batch
     pbar = common.progress_bar(start, args.iter)
     with common.StopOnInterrupt() as interrupt:
@@ -506,7 +536,7 @@ def main(argv=None):
                     zs = [common.sample_anchor_z(anchors, batch, args.subspace_std)]
                 else:
                     zs = common.mixing_noise(batch, latent_dim, args.mixing, device)
-                return [latents_wplus(generator, zs, projectors, blend)]  # one W+ code [B, n_latent, D]
+                return [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)]  # one W+ code [B, n_latent, D]
 
             def d_logits(images):
                 if not patch_level:
@@ -588,7 +618,7 @@ def main(argv=None):
                     zs = common.mixing_noise(path_batch, latent_dim, args.mixing, device)
                 else:
                     zs = [path_z]
-                fake_img, latents = generator([latents_wplus(generator, zs, projectors, blend)], input_is_latent=True, return_latents=True)
+                fake_img, latents = generator([latents_wplus(generator, zs, projectors, blend, args.mixing_fix)], input_is_latent=True, return_latents=True)
                 path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
@@ -607,7 +637,7 @@ def main(argv=None):
             if interrupt.requested:
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with --resume {path}")
+                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)

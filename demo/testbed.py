@@ -49,6 +49,13 @@ METHODS = {
     "rssa": ("rssa.py", []),
     "progressive_asc": ("progressive_asc.py", []),
     "difa": ("difa.py", []),
+    # the papers' baselines (baselines.py); "tgan" is the same method as "finetune" with other random draws
+    "tgan": ("baselines.py", ["--baseline", "tgan"]),
+    "ada": ("baselines.py", ["--baseline", "ada"]),
+    "freezed": ("baselines.py", ["--baseline", "freezed"]),
+    "ewc": ("baselines.py", ["--baseline", "ewc"]),
+    "bsa": ("baselines.py", ["--baseline", "bsa"]),
+    "minegan": ("baselines.py", ["--baseline", "minegan"]),
 }
 RESULTS_DIR = os.path.join(ROOT, "demo", "results")
 
@@ -73,7 +80,8 @@ def run_method(name, args, out):
     """Train one method in demo mode in a subprocess; returns (seconds, iterations, error line or None)."""
     script, extra = METHODS[name]
     target = os.path.join(common.DEMO_DIR, "targets", args.style)
-    command = [sys.executable, os.path.join(ROOT, script), *extra, "--out", out, "--seed", str(args.seed), "--device", args.device]
+    command = [sys.executable, os.path.join(ROOT, script), *extra, "--out", out, "--overwrite", "--seed", str(args.seed),
+               "--device", args.device]  # the testbed owns its run folders: a new testbed run replaces them
     if args.style != "sketch":  # the demo's default target is the sketch set; another style needs both paths
         command += ["--source", common.DEMO_SOURCE, "--target", os.path.join(target, "00.png") if name == "difa" else target]
     if args.iter is not None:
@@ -187,7 +195,8 @@ def main(argv=None):
             table.append((name, {"FD": "did not run (see the testbed's output)"}))
             continue
         run = common.RunDir(out)
-        adapted = load_generator(run.latest_checkpoint(), device)  # RSSA: g_ema behind its P, as RSSA samples
+        # as each method samples: RSSA behind its P, MineGAN behind its miner, BSA with its scale / shift
+        adapted = load_generator(run.latest_checkpoint(), device)
         adapted_images = draw(adapted, z)
         values = score(net, adapted_images, source_geometry, target_feats, train_feats, style_index)
         values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})

@@ -15,6 +15,7 @@ from PIL import Image
 
 import common
 import difa
+import pretrained
 from stylegan2 import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,6 +252,55 @@ def test_global_loss_parallel_and_antiparallel():
     assert abs(difa.global_clip_loss(emb_a + orth, emb_a, d2).item() - 1) < 1e-6
 
 
+def test_reference_direction_renormalises_the_mean_reference():
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(3, 12, generator=g) * torch.tensor([[0.5], [2.0], [7.0]])  # three references, raw norms
+    mu = 0.4 * F.normalize(torch.randn(12, generator=g), dim=0)  # |mu| < 1, as a mean of unit vectors
+    mean_unit = F.normalize(raw, dim=1).mean(0)
+    official = F.normalize(F.normalize(mean_unit, dim=0) - mu, dim=0)  # the release's clip_loss.py
+    d = difa.reference_direction(raw, mu)
+    assert d.shape == (12,) and torch.allclose(d, official, atol=1e-6)
+    assert (d - F.normalize(mean_unit - mu, dim=0)).abs().max() > 1e-2  # the mean is not a unit vector
+    assert torch.allclose(difa.reference_direction(raw[1:2], mu), F.normalize(F.normalize(raw[1], dim=0) - mu, dim=0), atol=1e-6)
+
+
+def test_reference_tokens_first_or_union():
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randn(3, 5, 8, generator=g)
+    assert torch.equal(difa.reference_tokens(tokens, "first"), tokens[0])  # the release: image 1's tokens only
+    union = difa.reference_tokens(tokens, "all")
+    assert union.shape == (15, 8) and torch.equal(union[5:10], tokens[1])
+    assert torch.equal(difa.reference_tokens(tokens[:1], "all"), difa.reference_tokens(tokens[:1], "first"))
+    t = torch.randn(2, 5, 8, generator=g)
+    assert not torch.allclose(difa.attentive_style_loss(t, tokens[0]), difa.attentive_style_loss(t, union))
+
+
+def test_rgba_reference_follows_clip_preprocessing(tmp_path):
+    """CLIP's transform drops alpha (convert("RGB") after the crop); it does not composite on white."""
+    from torchvision import transforms
+
+    colour = np.array([200, 30, 90], dtype=np.uint8)
+    pixels = np.zeros((32, 32, 4), dtype=np.uint8)
+    pixels[..., :3] = colour  # non-white colour under alpha 0
+    pixels[:, 16:, :3] = [10, 250, 40]
+    pixels[:, 16:, 3] = 255
+    same = tmp_path / "same.png"
+    Image.fromarray(pixels, "RGBA").save(same)
+    mean, std = torch.tensor(difa.CLIP_MEAN).view(3, 1, 1), torch.tensor(difa.CLIP_STD).view(3, 1, 1)
+    x = difa.load_reference(str(same), 32)[0]  # already 32 px: no resize, stored colours kept
+    assert torch.allclose(x[:, :, :16], ((torch.from_numpy(colour).float() / 255).view(3, 1, 1) - mean) / std, atol=1e-6)
+    assert (x[:, :, :16] < (1 - mean) / std - 0.5).any(dim=0).all()  # not white
+    # a resize: the same pipeline as clip.load's transform, written out with torchvision
+    bigger = tmp_path / "bigger.png"
+    Image.fromarray(np.concatenate([pixels, pixels[:8]], 0), "RGBA").save(bigger)  # 40 x 32
+    clip_transform = transforms.Compose([
+        transforms.Resize(16, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(16),
+        lambda image: image.convert("RGB"), transforms.ToTensor(), transforms.Normalize(difa.CLIP_MEAN, difa.CLIP_STD)])
+    x = difa.load_reference(str(bigger), 16)[0]
+    assert torch.allclose(x, clip_transform(Image.open(bigger)), atol=1e-6)
+    assert (x - clip_transform(common.open_rgb(str(bigger)))).abs().max() > 1  # alpha on white would differ
+
+
 def test_mask_size_and_choice():
     g = torch.Generator().manual_seed(1)
     dw = torch.randn(3584, generator=g)
@@ -370,12 +420,42 @@ def test_variant_flags(setup, weights):
     assert all(abs(float(r[1]) - float(r[2])) < 1e-5 for r in rows)  # loss = 2 L_global, logged weighted
 
 
+def test_several_references_wiring(setup, weights, monkeypatch):
+    """A folder target: d from all references (re-normalised mean), L_local against the first (sorted) image's
+    tokens by default, against all of them with --ref-tokens all."""
+    root, _, folder = setup
+    references = common.list_images(str(folder))
+    clip32 = weights["clip"].split(",")[0]
+    seen = {}
+    real_loss, real_direction = difa.attentive_style_loss, difa.reference_direction
+
+    def spy_loss(tokens, ref_tokens):
+        seen["tokens"] = ref_tokens
+        return real_loss(tokens, ref_tokens)
+
+    def spy_direction(ref_emb, mu):
+        seen["emb"] = ref_emb
+        return real_direction(ref_emb, mu)
+
+    monkeypatch.setattr(difa, "attentive_style_loss", spy_loss)
+    monkeypatch.setattr(difa, "reference_direction", spy_direction)
+    tower = difa.load_vision_tower(clip32)
+    with torch.no_grad():
+        emb, tokens = tower(torch.cat([difa.load_reference(p, 32) for p in references]), return_layers=(1,))
+    for mode, expected in (("first", tokens[1][0]), ("all", tokens[1].reshape(-1, tokens[1].shape[-1]))):
+        run_difa(setup, {**weights, "reference": str(folder)}, root / f"refs_{mode}", "--iter", "1", "--ref-tokens", mode,
+                 "--psp-model-weight", "0", "--clip-models", "ViT-B/32", "--clip-weights", clip32, "--clip-model-weights", "1")
+        assert torch.allclose(seen["tokens"], expected, atol=1e-5), mode
+        assert torch.allclose(seen["emb"], emb, atol=1e-5)  # all references feed d
+
+
 def test_missing_default_weights_messages(tmp_path, monkeypatch):
     def offline(url, dst, hash_prefix=None, progress=True):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
-    monkeypatch.setattr(difa, "default_clip_path", lambda name: str(tmp_path / name.replace("/", "-")) + ".pt")
-    monkeypatch.setattr(difa, "default_e4e_path", lambda: str(tmp_path / "e4e_ffhq_encode.pt"))
+    # the loaders live in pretrained.py (difa re-exports them): their default paths are looked up there
+    monkeypatch.setattr(pretrained, "default_clip_path", lambda name: str(tmp_path / name.replace("/", "-")) + ".pt")
+    monkeypatch.setattr(pretrained, "default_e4e_path", lambda: str(tmp_path / "e4e_ffhq_encode.pt"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(common.UserError) as error:
         difa.resolve_clip_file("ViT-B/16", None)
@@ -423,3 +503,192 @@ def test_bad_input_one_line_errors(setup, weights, tmp_path, capsys):
             code, stderr = exit_info.value.code, capsys.readouterr().err.strip()
         assert code == 2, (args, stderr)
         assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# zero-shot text targets and the StyleGAN-NADA baseline
+
+TINY_MERGES = ["p h", "o t", "ph ot", "phot o</w>", "s k", "e t", "sk et", "sket ch</w>", "a </w>", "o f</w>"]
+
+
+def write_clip_with_text(path, seed, vocab, **config):
+    """A tiny CLIP file in OpenAI's plain state-dict layout with both towers (visual.* and the text keys)."""
+    torch.manual_seed(seed)
+    vision = difa.VisionTower(**{**TINY_CLIP, **config})
+    text = pretrained.TextTower(vocab_size=pretrained.vocab_size(vocab), context_length=77, width=32, layers=1,
+                                embed_dim=vision.proj.shape[1])
+    state = {"visual." + k: v for k, v in vision.state_dict().items()}
+    state.update(text.state_dict(), logit_scale=torch.tensor(4.6052))
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def text_weights(setup, weights):
+    import gzip
+
+    root = setup[0]
+    vocab = root / "toy_vocab.txt.gz"
+    with gzip.open(vocab, "wb") as file:
+        file.write(("#version: toy\n" + "\n".join(TINY_MERGES) + "\n").encode("utf-8"))
+    clips = [write_clip_with_text(root / "clip_text_a.pt", 7, str(vocab)), write_clip_with_text(root / "clip_text_b.pt", 8, str(vocab), patch=4)]
+    return {**weights, "clip": ",".join(clips), "vocab": str(vocab)}
+
+
+def test_text_direction_matches_direct_computation(text_weights):
+    assert len(difa.NADA_TEMPLATES) == 79 and difa.NADA_TEMPLATES[0] == "a bad photo of a {}." and difa.NADA_TEMPLATES[-1] == "a tattoo of the {}."
+    tower = pretrained.load_text_tower(text_weights["clip"].split(",")[0])
+    vocab = text_weights["vocab"]
+    target = difa.prompt_embeddings(tower, "a sketch", vocab)
+    source = difa.prompt_embeddings(tower, "photo", vocab)
+    d = difa.text_direction(target, source)
+
+    def unit(prompt):  # one prompt at a time, OpenAI's encode_text, then / |.|
+        e = tower(pretrained.tokenize(prompt, vocab=vocab).long())[0]
+        return e / e.norm()
+
+    t = torch.stack([unit(k.format("a sketch")) for k in difa.NADA_TEMPLATES])
+    s = torch.stack([unit(k.format("photo")) for k in difa.NADA_TEMPLATES])
+    direct = (t - s).mean(0)
+    direct = direct / direct.norm()
+    assert d.shape == (12,) and torch.allclose(d, direct, atol=1e-5)
+    raw_t = torch.stack([tower(pretrained.tokenize(k.format("a sketch"), vocab=vocab).long())[0] for k in difa.NADA_TEMPLATES])
+    raw_s = torch.stack([tower(pretrained.tokenize(k.format("photo"), vocab=vocab).long())[0] for k in difa.NADA_TEMPLATES])
+    assert (d - F.normalize(raw_t.mean(0) - raw_s.mean(0), dim=0)).abs().max() > 1e-3  # NADA normalises each template first
+    alone = difa.prompt_embeddings(tower, "a sketch", vocab, ("{}",))
+    assert alone.shape == (1, 12) and torch.allclose(alone[0], unit("a sketch"), atol=1e-5)
+    # NADA's image direction: the mean reference is not re-normalised (DiFa's is); equal for one reference
+    g = torch.Generator().manual_seed(9)
+    refs, mu = torch.randn(3, 12, generator=g), 0.3 * F.normalize(torch.randn(12, generator=g), dim=0)
+    assert torch.allclose(difa.nada_image_direction(refs, mu), F.normalize(F.normalize(refs, dim=1).mean(0) - mu, dim=0), atol=1e-6)
+    assert torch.allclose(difa.nada_image_direction(refs[:1], mu), difa.reference_direction(refs[:1], mu), atol=1e-6)
+    assert (difa.nada_image_direction(refs, mu) - difa.reference_direction(refs, mu)).abs().max() > 1e-3
+
+
+def test_layer_selection_picks_the_layers_that_move_most():
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(3, 8, 5, generator=g)
+    pull = torch.tensor([0.1, 5.0, 0.2, 3.0, -4.0, 0.01, 0.3, 0.5])  # dL/dw+_l = pull_l: layer l moves lr |pull_l| per step
+
+    def loss_fn(w):
+        return (w * pull.view(1, -1, 1)).sum()
+
+    chosen, loss = difa.select_layers(w0, loss_fn, 2, 0.01, 3)
+    assert chosen == [1, 4, 3] and torch.isclose(loss, loss_fn(w0 - 0.01 * pull.view(1, -1, 1)))
+    moved, _ = difa.optimise_wplus(w0, loss_fn, 2, 0.01)
+    assert torch.allclose(difa.layer_movement(w0, moved), 0.02 * pull.abs(), atol=1e-6)
+    assert not w0.requires_grad and difa.optimise_wplus(w0, loss_fn, 0, 0.01)[1] is None
+    # a CLIP-shaped loss: only the target-aligned layers move
+    emb = F.normalize(torch.randn(4, 6, generator=g), dim=1)
+    target = F.normalize(torch.randn(6, generator=g), dim=0)
+    assert torch.isclose(difa.clip_similarity_loss(emb, target), (1 - F.cosine_similarity(emb, target[None], dim=1)).mean())
+
+
+def run_nada(weights, out, *extra):
+    argv = ["--baseline", "nada", "--source", weights["source"], "--out", str(out), "--clip-weights", weights["clip"],
+            "--auto-layer-batch", "2", "--img2img-batch", "2", "--clip-mean-batch", "2", "--n-sample", "2",
+            "--sample-every", "100", "--device", "cpu", *extra]
+    return difa.main(argv)
+
+
+def test_nada_trains_only_the_chosen_layers(setup, weights, monkeypatch):
+    g_a = load_checkpoint(weights["source"], require=("g_ema",))[0]["g_ema"]
+    layers = difa.nada_layers(g_a)
+    assert len(layers) == g_a.n_latent == 8 and layers[1] is g_a.to_rgb1 and layers[2] is g_a.convs[0]
+    seen = []
+    real = difa.select_layers
+
+    def spy(*args):
+        chosen, loss = real(*args)
+        seen.append(chosen)
+        return chosen, loss
+
+    monkeypatch.setattr(difa, "select_layers", spy)
+    out = setup[0] / "nada_image"
+    path = run_nada(weights, out, "--target", weights["reference"], "--iter", "1", "--auto-layer-k", "2")
+    assert len(seen) == 1 and len(seen[0]) == 2
+    adapted = load_checkpoint(path, require=("g_ema",))[0]["g_ema"]
+    names = {n for n, _ in g_a.named_parameters()}
+    prefixes = [f"{p}." for p in ("conv1", "to_rgb1", *[f"convs.{j}" for j in range(6)])]  # W+ index -> layer, NADA's order
+    source, after = dict(g_a.named_parameters()), dict(adapted.named_parameters())
+    changed = {n for n in names if not torch.equal(source[n], after[n])}
+    assert changed <= {n for n in names if n.startswith(tuple(prefixes[j] for j in seen[0]))}  # all else unchanged
+    assert all(any(n.startswith(prefixes[j]) for n in changed) for j in seen[0])  # each chosen layer moved
+    rows = [r.split(",") for r in open(out / "log.csv").read().split()]
+    assert rows[0] == ["iter", "loss", "global", "select"] and len(rows) == 2
+
+
+def test_nada_text_run_and_resume(setup, text_weights):
+    root = setup[0]
+    flags = ["--target-text", "a sketch", "--clip-vocab", text_weights["vocab"], "--auto-layer-k", "3", "--save-every", "1"]
+    straight = run_nada(text_weights, root / "nada_text", "--iter", "3", *flags)
+    assert sorted(os.listdir(root / "nada_text" / "checkpoints")) == ["000001.pt", "000002.pt", "000003.pt"]
+    rows = [r.split(",") for r in open(root / "nada_text" / "log.csv").read().split()]
+    assert rows[0] == ["iter", "loss", "global", "select"] and np.isfinite(np.array(rows[1:], dtype=float)).all()
+    run_nada(text_weights, root / "nada_resumed", "--iter", "2", *flags)
+    resumed = run_nada(text_weights, root / "nada_resumed", "--iter", "3", *flags, "--resume")
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    assert all(torch.equal(t, b["g"][n]) for n, t in a["g"].items())
+    assert a["run_args"]["baseline"] == "nada" and a["args"]["target_text"] == "a sketch"
+
+
+def test_zero_shot_difa_run(setup, text_weights, monkeypatch):
+    """--target-text: d_m is the text direction of each model's own text tower, no L_local, SCC stays."""
+    root = setup[0]
+    clips = text_weights["clip"].split(",")
+    expected = []
+    for path in clips:
+        tower = pretrained.load_text_tower(path)
+        expected.append(difa.text_direction(difa.prompt_embeddings(tower, "pencil sketch", text_weights["vocab"]),
+                                            difa.prompt_embeddings(tower, "photo", text_weights["vocab"])))
+    seen = []
+    real = difa.global_clip_loss
+
+    def spy(emb_b, emb_a, direction):
+        seen.append(direction)
+        return real(emb_b, emb_a, direction)
+
+    monkeypatch.setattr(difa, "global_clip_loss", spy)
+    monkeypatch.setattr(difa, "attentive_style_loss", None)  # never called
+    out = root / "zero_shot"
+    argv = ["--source", text_weights["source"], "--target-text", "pencil sketch", "--out", str(out), "--clip-weights", text_weights["clip"],
+            "--clip-vocab", text_weights["vocab"], "--e4e", text_weights["e4e"], "--sliding-window-size", "1", "--iter", "2",
+            "--save-every", "1", "--sample-every", "100", "--n-sample", "2", "--device", "cpu"]
+    difa.main(argv)
+    assert sorted(os.listdir(out / "checkpoints")) == ["000001.pt", "000002.pt"] and not os.path.exists(out / "clip_source_mean.pt")
+    assert len(seen) == 4 and all(torch.allclose(d, expected[k % 2], atol=1e-6) for k, d in enumerate(seen))
+    rows = [r.split(",") for r in open(out / "log.csv").read().split()]
+    assert rows[0] == ["iter", "loss", "global", "scc", "scc_ramp"]
+    assert all(float(r[3]) > 0 for r in rows[1:])  # L_scc computed (its ramp r(i) is 0 for i <= S)
+
+
+def test_text_target_arguments(setup, capsys):
+    _, source, _ = setup
+    args = difa.parse_args(["--source", source, "--target-text", "A Pencil sketch!"])
+    assert args.target == "a-pencil-sketch" and args.out == os.path.join("runs", "difa-a-pencil-sketch") and not args.demo
+    assert args.source_text == "photo" and args.sample_truncation == 0.5 and args.save_every == 300
+    demo = difa.parse_args(["--target-text", "a pencil sketch"])  # the demo source, no reference image
+    assert demo.demo and demo.source == common.DEMO_SOURCE and demo.target == "a-pencil-sketch"
+    nada = difa.parse_args(["--baseline", "nada", "--source", source, "--target-text", "x"])
+    assert nada.save_every == 150 and nada.sample_truncation == 0.7 and nada.auto_layer_k is None and nada.auto_layer_iters == 1
+    capsys.readouterr()
+
+
+def test_text_and_nada_one_line_errors(setup, weights, tmp_path, capsys):
+    _, source, _ = setup
+    base = ["--device", "cpu", "--iter", "1", "--out", str(tmp_path / "out"), "--clip-weights", weights["clip"], "--source", source]
+    ref = ["--target", weights["reference"]]
+    cases = [
+        (["--target-text", "a sketch", *ref], "--target-text and --target are exclusive"),
+        (["--baseline", "nada", *ref, "--auto-layer-k", "0"], "--auto-layer-k must be at least 1"),
+        (["--baseline", "nada", *ref, "--auto-layer-k", "9"], "--auto-layer-k 9 exceeds the generator's 8 W+ layers"),
+        ([*ref, "--auto-layer-k", "2"], "--auto-layer-k is a StyleGAN-NADA option"),
+        (["--baseline", "nada", *ref, "--lambda-partial", "2"], "--lambda-partial is a DiFa option"),
+        (["--target-text", " "], "must not be empty"),
+        (["--target-text", "a sketch"], "no text tower"),  # the image-only CLIP files
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_main(difa.main, [*base, *args])
+        stderr = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr

@@ -230,3 +230,213 @@ def test_bad_inputs(ckpts, tmp_path):
     assert code == 2 and err.startswith("error: checkpoint not found") and "\n" not in err
     code, err = run("compare", "--ckpt", *paths, "--names", "only-one", "--no-is", "--device", "cpu")
     assert code == 2 and "names" in err
+
+
+def test_missing_inception_weights_name_the_command(monkeypatch, tmp_path):
+    from pytorch_fid import inception as fid
+
+    def offline(*args, **kwargs):
+        raise OSError("no network in tests")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(fid, "load_state_dict_from_url", offline)
+    for argv, command in ((["kid", "--ckpt", "x.pt", "--real", "r"], "evaluate.py kid needs"),
+                          (["compare", "--ckpt", "x.pt", "--real", "r"], "evaluate.py compare (FID column) needs"),
+                          (["fid", "--ckpt", "x.pt", "--real", "r"], "evaluate.py fid needs")):
+        with pytest.raises(common.UserError) as info:
+            evaluate.main([*argv, "--device", "cpu"])
+        message = str(info.value)
+        assert message.startswith(command) and "pt_inception-2015-12-05" in message and "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------------
+# density and coverage, pairs
+
+
+def direct_density_coverage(real, fake, k):
+    """Naeem et al.'s definitions, one sample at a time."""
+    dist = lambda a, b: float(np.sqrt(((a - b) ** 2).sum()))
+    radii = [sorted(dist(x, other) for j, other in enumerate(real) if j != i)[k - 1] for i, x in enumerate(real)]
+    density = sum(dist(y, x) < r for y in fake for x, r in zip(real, radii)) / (k * len(fake))
+    coverage = np.mean([any(dist(y, x) < r for y in fake) for x, r in zip(real, radii)])
+    return density, coverage
+
+
+def test_density_coverage_against_the_definitions():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(20, 4)), rng.normal(size=(15, 4)) * 1.3 + 0.4
+    for k in (1, 3, 5):
+        assert evaluate.density_coverage(real, fake, k) == pytest.approx(direct_density_coverage(real, fake, k))
+    density, coverage = evaluate.density_coverage(real, real.copy(), 5)
+    assert coverage == 1 and density == pytest.approx(direct_density_coverage(real, real, 5)[0])
+    assert evaluate.density_coverage(real, fake + 100, 5) == (0, 0)  # far from every real sample
+    with pytest.raises(common.UserError, match="more than 5 real"):
+        evaluate.density_coverage(real[:5], fake)
+
+
+@pytest.fixture(scope="module")
+def random_networks_once():
+    """The random LPIPS and Inception networks built once for this module's tests of the new subcommands
+    (building them is most of these tests' time); every command of a test then sees the same networks."""
+    import functools
+
+    inception = functools.cache(evaluate.load_fid_inception)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "load_lpips", functools.cache(common.load_lpips))
+        patch.setattr(evaluate, "load_fid_inception",
+                      lambda device, random_weights=False, dims=2048, command="fid": inception(device, random_weights, dims))
+        yield
+
+
+def test_pair_and_compare_columns(ckpts, tmp_path, random_networks_once):
+    root, paths = ckpts
+    # the cosine of ArcFace embeddings, read from a state dict in model_ir_se50.pth's layout
+    identity = evaluate.IdentityNet().state_dict()
+    assert identity["input_layer.0.weight"].shape == (64, 3, 3, 3) and identity["output_layer.3.weight"].shape == (512, 25088)
+    assert "body.23.res_layer.5.fc2.weight" in identity and "body.3.shortcut_layer.1.running_var" in identity
+    torch.save(identity, tmp_path / "model_ir_se50.pth")
+    base = ["--n", "3", "--batch", "3", "--device", "cpu", "--random-weights"]
+    other = evaluate.main(["pair", "--a", paths[0], "--b", paths[1], "--identity", str(tmp_path / "model_ir_se50.pth"), *base])
+    assert other["pair_lpips"] > 0 and other["pair_mse"] > 0 and -1 <= other["pair_cosine"] < 1
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(common.UserError, match="not an ArcFace IR-SE50"):
+        evaluate.main(["pair", "--a", paths[0], "--b", paths[1], "--identity", str(tmp_path / "other.pth"), *base])
+    # the same z and noise: a generator paired with itself gives identical images
+    g = evaluate.load_generator(paths[0], "cpu")
+    a, b = evaluate.paired_samples(g, g, 3, 2, 0, "cpu")
+    assert torch.equal(a, b) and a.shape == (3, 3, 32, 32)
+    real = write_images(tmp_path / "real", 4)
+    rows = evaluate.main(["compare", "--ckpt", *paths, "--names", "cdc", "c3", "--real", real, "--dims", "64", "--no-is",
+                          "--density-coverage", "--k", "2", "--pair-with", paths[0], "--cache-dir", str(tmp_path / "c"),
+                          *base, "--csv", str(tmp_path / "r.csv")])
+    # paired with itself: identical images; with the other model: what `pair` measured (Inception 64-d cosine here)
+    assert rows[0]["pair_lpips"] == 0 and rows[0]["pair_mse"] == 0 and rows[0]["pair_cosine"] == pytest.approx(1)
+    assert rows[1]["pair_lpips"] == pytest.approx(other["pair_lpips"]) and rows[1]["pair_mse"] == pytest.approx(other["pair_mse"])
+    assert all(0 <= r["coverage"] <= 1 and r["density"] >= 0 for r in rows)
+    assert evaluate.markdown_table(rows).splitlines()[0] == \
+        "| method | FID | density | coverage | pair LPIPS | pair MSE | pair cosine |"
+
+
+# ------------------------------------------------------------------------------------------------
+# real images: invert, translate, edit
+
+
+@pytest.fixture(scope="module")
+def photo_setup(tmp_path_factory, random_networks_once):
+    """(root, source, plain adapted checkpoint, RSSA-like checkpoint with codes and blend, photo folder, codes file)."""
+    from conftest import write_random_images, write_tiny_source
+
+    root = tmp_path_factory.mktemp("photos")
+    source = write_tiny_source(root / "source.pt")
+    adapted = write_tiny_source(root / "adapted.pt", seed=1)
+    rssa_like = root / "rssa.pt"
+    state = torch.load(adapted, weights_only=False)
+    torch.save({"g_ema": state["g_ema"], "latent_codes": torch.randn(3, 8, 16), "blend": torch.linspace(0, 0.8, 8)}, rssa_like)
+    photos = write_random_images(root / "photos", n=2, size=(40, 48))
+    result = evaluate.main(["invert", "--source", source, "--images", photos, "--steps", "15", "--out", str(root / "inv"),
+                            "--device", "cpu", "--random-weights"])
+    return root, source, adapted, str(rssa_like), photos, str(root / "inv" / "codes.pt"), result
+
+
+def test_invert_writes_codes_and_beats_a_random_code(photo_setup):
+    root, source, _, _, _, codes_path, result = photo_setup
+    codes = torch.load(codes_path, weights_only=True)
+    assert sorted(codes) == ["0.png", "1.png"] and all(c.shape == (8, 16) for c in codes.values())
+    assert torch.equal(codes["1.png"], result["codes"][1])
+    assert np.asarray(Image.open(root / "inv" / "reconstruction.png")).shape[0] == 2 * 34 + 2  # photos | reconstructions
+    assert torch.all(result["lpips"] < result["lpips_random"]), (result["lpips"], result["lpips_random"])
+
+
+def test_translate_and_edit_render_the_same_code_identically(photo_setup, tmp_path):
+    from rssa import CompressedGenerator, compress_latents
+
+    root, source, adapted, rssa_like, photos, codes_path, _ = photo_setup
+    shared = ["--source", source, "--ckpt", adapted, rssa_like, "--names", "cdc", "rssa", "--images", photos,
+              "--codes", codes_path, "--device", "cpu"]
+    columns = evaluate.main(["translate", *shared, "--out", str(tmp_path / "t")])
+    grid = np.asarray(Image.open(tmp_path / "t" / "translation.png"))
+    assert grid.shape == (2 * 34 + 2, 4 * 34 + 2, 3)  # a row per photo: photo, source, cdc, rssa
+    assert np.array_equal(grid[2:34, 2:34], columns[0][0].permute(1, 2, 0).numpy())  # the photo, resized and cropped
+    # the RSSA column renders P(w), through its compression, with the source's noise
+    g = evaluate.load_generator(rssa_like, "cpu")
+    assert isinstance(g, CompressedGenerator)
+    code = torch.load(codes_path, weights_only=True)["0.png"][None]  # [1, L, D]
+    noise = evaluate.fixed_noise(evaluate.load_source(source, "cpu"))
+    with torch.no_grad():
+        expected = evaluate.to_uint8(g.g([compress_latents(code, g.projectors, g.blend)], input_is_latent=True, noise=noise)[0])
+    assert torch.equal(columns[3][0], expected[0])
+    strengths = ["0", "1", "2", "3"]
+    strips = evaluate.main(["edit", *shared, "--direction", "pc0", "--strength", *strengths, "--pca-samples", "2000",
+                            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e")])
+    for photo, strip in zip(("0", "1"), strips):
+        rows = strip.view(3, len(strengths), 3, 32, 32)  # [models, strengths, 3, H, W]: source, cdc, rssa
+        saved = np.asarray(Image.open(tmp_path / "e" / f"{photo}_edit.png"))
+        assert np.array_equal(saved[2:34, 2:34], rows[0, 0].permute(1, 2, 0).numpy())
+        for m, name in enumerate(("source", "cdc", "rssa")):
+            translated = np.asarray(Image.open(tmp_path / "t" / f"{photo}_{name}.png"))
+            assert np.array_equal(rows[m, 0].permute(1, 2, 0).numpy(), translated)  # strength 0 = the translation
+            # the image moves further from the unedited one with every step along pc0
+            change = [(rows[m, s].float() - rows[m, 0].float()).abs().mean().item() for s in range(len(strengths))]
+            assert all(a < b for a, b in zip(change, change[1:])), (name, change)
+
+
+def test_translate_inverts_when_no_codes_are_given(photo_setup, tmp_path):
+    root, source, adapted, _, photos, _, _ = photo_setup
+    evaluate.main(["translate", "--source", source, "--ckpt", adapted, "--images", photos, "--steps", "1",
+                   "--out", str(tmp_path), "--device", "cpu", "--random-weights"])
+    assert sorted(torch.load(tmp_path / "codes.pt", weights_only=True)) == ["0.png", "1.png"]
+    assert (tmp_path / "0_adapted.png").exists() and (tmp_path / "1_source.png").exists()
+
+
+def test_edit_directions_layers_and_ganspace(photo_setup, tmp_path):
+    root, source, *_ = photo_setup
+    g = evaluate.load_source(source, "cpu")
+    assert evaluate.parse_layers("all", 8) == list(range(8)) and evaluate.parse_layers("coarse", 8) == [0, 1, 2, 3]
+    assert evaluate.parse_layers("middle", 14) == [4, 5, 6, 7] and evaluate.parse_layers("fine", 14) == list(range(8, 14))
+    assert evaluate.parse_layers("0-2,5", 8) == [0, 1, 2, 5]
+    assert evaluate.model_names(["runs/cdc-x/checkpoints/000500.pt", "c3.pt"]) == ["cdc-x", "c3"]
+    for paths, names, message in ((["a.pt"], ["a", "b"], "2 names for 1"), (["r/a.pt", "s/a.pt"], None, "not distinct")):
+        with pytest.raises(common.UserError, match=message):
+            evaluate.model_names(paths, names)
+    for spec, message in (("fine", "none of them fine"), ("3-9", "0-7"), ("a-b", "use all")):
+        with pytest.raises(common.UserError, match=message):
+            evaluate.parse_layers(spec, 8)
+    # a file direction moves only the chosen slots, by strength times the direction
+    np.save(tmp_path / "boundary.npy", np.ones((1, 16), dtype=np.float32))
+    args = evaluate.parse_args(["edit", "--source", source, "--ckpt", source, "--images", ".", "--direction", "pc0",
+                                "--pca-samples", "3000", "--cache-dir", str(tmp_path / "cache")])
+    direction, unit = evaluate.edit_direction(str(tmp_path / "boundary.npy"), g, args, "cpu")
+    assert direction.shape == (8, 16) and "boundary.npy" in unit
+    code = torch.randn(8, 16)
+    edited = evaluate.edited_codes(code, direction, [0.0, 2.0], [0, 1])
+    assert torch.equal(edited[0], code)
+    assert torch.equal(edited[1, :2], code[:2] + 2) and torch.equal(edited[1, 2:], code[2:])
+    # GANSpace: orthonormal axes by decreasing variance, the variance of the samples along each; cached
+    components, stdevs = evaluate.ganspace_components(g, source, 3000, "cpu", str(tmp_path / "cache"))
+    assert torch.allclose(components @ components.T, torch.eye(16), atol=1e-5) and torch.all(stdevs[:-1] >= stdevs[1:])
+    with torch.no_grad():
+        w = g.style(torch.randn(3000, 16, generator=torch.Generator().manual_seed(0)))  # the same samples
+    assert torch.allclose((w @ components.T).std(0), stdevs, rtol=1e-3)
+    with pytest.raises(common.UserError, match="16 principal components"):
+        evaluate.edit_direction("pc16", g, args, "cpu")
+    pc1, _ = evaluate.edit_direction("pc1", g, args, "cpu")
+    assert torch.allclose(pc1[3], stdevs[1] * components[1])
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    again = evaluate.ganspace_components(g, source, 3000, "cpu", str(tmp_path / "cache"))
+    assert torch.equal(again[0], components)
+
+
+def test_photo_commands_one_line_errors(photo_setup, tmp_path):
+    from conftest import assert_cli_errors
+
+    root, source, adapted, _, photos, codes_path, _ = photo_setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    torch.save(torch.zeros(3, 16), tmp_path / "wrong.pt")
+    base = ["--source", source, "--ckpt", adapted, "--codes", codes_path, "--device", "cpu", "--out", str(tmp_path / "o")]
+    cases = [
+        (["edit", "--images", photos, "--direction", str(tmp_path / "missing.npy")], "direction file not found"),
+        (["edit", "--images", photos, "--direction", str(tmp_path / "wrong.pt")], "has shape (3, 16); this source needs [16]"),
+        (["translate", "--images", str(empty)], "--images: no images"),
+    ]
+    assert_cli_errors("evaluate.py", cases, base)

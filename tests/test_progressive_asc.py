@@ -111,10 +111,35 @@ def test_masked_positions_have_zero_probability():
     assert torch.allclose(weights.amax(1), torch.ones(b))  # min-max normalised
     draws = torch.multinomial(weights, 5000, replacement=True)
     assert not moved.gather(1, draws).any()
-    # without the mask: only the arg-min has weight 0; a constant map falls back to uniform (official: NaN)
+    # without the mask: the raw block means, no weight 0; an all-zero map falls back to uniform (official: a crash)
     free = pasc.sampling_distribution(edges, s)
-    assert (free == 0).sum() == b
-    assert torch.equal(pasc.sampling_distribution(torch.ones(b, 1, size, size), s), torch.ones(b, s * s))
+    assert torch.equal(free, F.adaptive_avg_pool2d(edges, s).flatten(1)) and (free > 0).all()
+    assert torch.equal(pasc.sampling_distribution(torch.zeros(b, 1, size, size), s), torch.ones(b, s * s))
+    # with the mask a constant map falls back to uniform (official: NaN)
+    constant = pasc.sampling_distribution(torch.ones(b, 1, size, size), s, torch.zeros(b, 2, s, s), cut, s / size)
+    assert torch.equal(constant, torch.ones(b, s * s))
+
+
+def test_sampling_map_min_max_normalised_only_with_flow_and_cutoff(monkeypatch):
+    # official train.py: pred is min-max normalised only under use_flow and use_flow_pred; the --no-flow and
+    # --no-cutoff ablations draw p from the raw pooled map, where the lowest-edge position keeps p > 0
+    edges = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).repeat_interleave(2, 0).repeat_interleave(2, 1).view(1, 1, 4, 4)
+    feats = [torch.randn(1, 3, 2, 2)]
+    seen = {}
+    multinomial = torch.multinomial
+
+    def spy(weights, *args, **kwargs):
+        seen[mode] = weights / weights.sum(1, keepdim=True)  # the probabilities p is drawn with
+        return multinomial(weights, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    runs = {"default": (torch.zeros(1, 2, 4, 4), True), "no_cutoff": (torch.zeros(1, 2, 4, 4), False), "no_flow": (None, True)}
+    for mode, (flow, use_cutoff) in runs.items():
+        pasc.asc_similarities(feats, feats, edges, flow, [0], 4, use_cutoff=use_cutoff)
+    assert torch.allclose(seen["default"], torch.tensor([[0.0, 1.0, 2.0, 3.0]]) / 6)  # (pm - 1) / 3, normalised
+    for mode in ("no_cutoff", "no_flow"):
+        assert torch.allclose(seen[mode], torch.tensor([[1.0, 2.0, 3.0, 4.0]]) / 10), mode  # pm itself
+    assert seen["default"][0, 0] == 0 and seen["no_flow"][0, 0] > 0 and seen["no_cutoff"][0, 0] > 0
 
 
 def per_point_loop(feat, idx, flow_s):
@@ -183,13 +208,28 @@ def test_pair_count_per_sample_at_256():
     gen, feats_ref = feats_for(256, 2, 2, 4)
     _, feats_cur = feats_for(256, 2, 2, 5)
     layers = pasc.default_asc_layers(gen)
-    assert layers == list(range(1, 11))  # the official --LFC_layers
+    assert layers == list(range(1, 11)) == pasc.default_asc_layers(gen, "to-half")  # the official --LFC_layers
     edges = torch.rand(2, 1, 256, 256)
     flow = torch.randn(2, 2, 256, 256)
     s_ref, s_cur, sizes = pasc.asc_similarities(feats_ref, feats_cur, edges, flow, layers, 256)
     assert sizes == [16, 16, 32, 32, 64, 64, 128, 128, 256, 256]  # M_l = 2 s_l
     assert s_ref.shape == s_cur.shape == (2, 992)
     assert s_ref.abs().max() <= 1 + 1e-6
+
+
+def test_asc_layer_lists_by_size():
+    # num_layers = 2 log2(size) - 3 styled convs (feature 0 at 4^2, then two per resolution)
+    assert Generator(32, style_dim=4, n_mlp=1, channel_cap=2).num_layers == 2 * 5 - 3
+    official, to_half = {}, {}
+    for size in (32, 256, 512, 1024):
+        num_layers = 2 * int(np.log2(size)) - 3
+        official[size], to_half[size] = pasc.asc_layer_list(num_layers), pasc.asc_layer_list(num_layers, "to-half")
+    # official --LFC_layers: 1..10 at every size, capped at the last layer of a 32 px generator (its 32^2 convs)
+    assert official == {32: list(range(1, 7)), 256: list(range(1, 11)), 512: list(range(1, 11)), 1024: list(range(1, 11))}
+    # to-half: 8^2 .. size/2, equal to the official list only at 256 px
+    assert to_half == {32: list(range(1, 5)), 256: list(range(1, 11)), 512: list(range(1, 13)), 1024: list(range(1, 15))}
+    args = pasc.parse_args(["--source", "s", "--target", "t"])
+    assert args.asc_layers == "official"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,6 +255,25 @@ def test_kl_reduction_is_official_mean():
     blocks = [(r.softmax(1), c.softmax(1)) for r, c in zip(sim_ref.split(sizes, 1), sim_cur.split(sizes, 1))]
     expected_layer = sum((r * (r.log() - c.log())).sum() for r, c in blocks) / (4 * 992)
     assert torch.allclose(pasc.asc_kl(sim_ref, sim_cur, sizes), expected_layer, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:reduction:UserWarning")
+def test_kl_precision_against_float64():
+    # near-equal similarities, as when G_n is close to G_{n-alpha}: float32 log-probabilities near -log 992
+    # lose ~5e-7 each against a KL of ~5e-5 per sample
+    g = torch.Generator().manual_seed(9)
+    sim_ref = torch.rand(4, 992, generator=g) * 2 - 1
+    sim_cur = (sim_ref + 0.01 * torch.randn(4, 992, generator=g)).requires_grad_()
+    p_ref, p_cur = sim_ref.double().softmax(1), sim_cur.detach().double().softmax(1)
+    exact = (p_ref * (p_ref.log() - p_cur.log())).mean()
+    loss = pasc.asc_kl(sim_ref, sim_cur)
+    loss.backward()
+    assert loss.dtype == sim_cur.grad.dtype == torch.float32
+    ours = abs(loss.item() / exact.item() - 1)
+    official = torch.nn.KLDivLoss(reduction="mean")(torch.log(F.softmax(sim_cur.detach(), 1)), F.softmax(sim_ref, 1))
+    assert ours < 1e-7 < abs(official.item() / exact.item() - 1)
+    # the gradient: d/dS_cur = (phi_cur - phi_ref) / (B n)
+    assert torch.allclose(sim_cur.grad.double(), (p_cur - p_ref) / (4 * 992), rtol=1e-6, atol=1e-14)
 
 
 def test_zero_loss_for_identical_inputs_and_gradient_only_on_current():
@@ -292,9 +351,9 @@ def test_resume_is_bit_for_bit(setup):
     "flags",
     [
         ["--no-asc", "--idc-ref", "source"],
-        ["--no-idc", "--no-flow", "--no-pred"],
+        ["--no-idc", "--no-flow", "--no-pred", "--asc-layers", "to-half"],
         ["--asc-softmax", "per_layer", "--flow-magnitude", "l2", "--sobel-padding", "replicate", "--flow-gray", "rgb",
-         "--asc-sampler", "grid_sample", "--asc-ref", "source", "--asc-layers", "1,3,5"],
+         "--asc-sampler", "grid_sample", "--asc-ref", "source", "--asc-layers", "1,3,5", "--no-cutoff"],
     ],
 )
 def test_ablation_and_variant_flags(setup, flags):
@@ -340,3 +399,5 @@ def test_bad_input_one_line_errors(setup, tmp_path):
     assert_cli_errors("progressive_asc.py", cases, base)
     with pytest.raises(common.UserError, match="--asc-layers"):
         pasc.main(["--source", source, "--target", target, "--asc-layers", "1,99", *base])
+    with pytest.raises(common.UserError, match="official or to-half or comma-separated"):
+        pasc.main(["--source", source, "--target", target, "--asc-layers", "half", *base])

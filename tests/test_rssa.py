@@ -2,6 +2,7 @@
 and end-to-end tiny runs on CPU (files, code cache, bit-for-bit resume, one-line errors)."""
 
 import os
+import random
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 import common
 import rssa
+import stylegan2
 from common import UserError
 from stylegan2 import Generator, load_checkpoint
 
@@ -181,6 +183,70 @@ def test_projectors_equal_official_formula_and_compression():
     assert torch.allclose(rssa.span_projectors(twice), rssa.span_projectors(codes[:2]), atol=1e-5)
 
 
+def official_wplus_latent(styles, n_latent):
+    """The latent the official Generator.forward (model.py) builds from W+ styles with input_is_latent=True:
+    inject_index = n_latent, so a single code is used as it is and a pair gives cat(s0[:, :n_latent], s1[:, n_latent:])."""
+    inject_index = n_latent
+    if len(styles) < 2:
+        return styles[0]
+    return torch.cat([styles[0][:, :inject_index], styles[1][:, inject_index:]], 1)
+
+
+class OfficialWPlusGenerator(Generator):
+    """A generator with the official W+ input semantics (a list of W+ codes, combined as official_wplus_latent)."""
+
+    def forward(self, styles, input_is_latent=False, **kwargs):
+        if input_is_latent:
+            styles = [official_wplus_latent(styles, self.n_latent)]
+        return super().forward(styles, input_is_latent=input_is_latent, **kwargs)
+
+
+def test_wplus_pair_is_the_first_code_as_the_official_generator_unless_mixing_fix():
+    torch.manual_seed(0)
+    g = OfficialWPlusGenerator(32, style_dim=16, n_mlp=2, channel_cap=16).eval().requires_grad_(False)
+    n_latent = g.n_latent
+    projectors = rssa.span_projectors(torch.randn(3, n_latent, 16))  # [L, D, D]
+    blend = rssa.slot_blend("face", n_latent, 32)  # [L]
+    zs = list(torch.randn(2, 4, 16).unbind(0))  # the two z of mixing_noise
+    # official D / G step: w = [P(G.style(z)) for z in noise], G(w, input_is_latent=True)
+    official_w = [rssa.compress_latents(g.style(z), projectors, blend) for z in zs]  # 2 x [4, L, 16]
+    official_img = g(official_w, input_is_latent=True, randomize_noise=False)[0]
+    state = random.getstate()
+    ours = rssa.latents_wplus(g, zs, projectors, blend)  # [4, L, 16]
+    assert random.getstate() == state  # no inject index drawn, as the official W+ path
+    assert torch.equal(ours, official_w[0]) and torch.equal(ours, official_wplus_latent(official_w, n_latent))
+    assert torch.equal(g([ours], input_is_latent=True, randomize_noise=False)[0], official_img)
+    # --mixing-fix: a crossover at k ~ U{1 .. L-1}, drawn from Python's random
+    random.seed(3)
+    mixed = rssa.latents_wplus(g, zs, projectors, blend, mixing=True)
+    random.seed(3)
+    k = random.randint(1, n_latent - 1)
+    assert torch.equal(mixed, torch.cat([official_w[0][:, :k], official_w[1][:, k:]], 1))
+    assert not torch.equal(mixed[:, k:], official_w[0][:, k:])
+    # without P (blend 0 everywhere) the fix is StyleGAN2's z mixing, the same Python random draw
+    random.seed(5)
+    z_mixed = g(zs, randomize_noise=False)[0]
+    random.seed(5)
+    w_mixed = rssa.latents_wplus(g, zs, projectors, torch.zeros(n_latent), mixing=True)
+    assert torch.allclose(g([w_mixed], input_is_latent=True, randomize_noise=False)[0], z_mixed, atol=1e-6)
+
+
+def test_span_rule_and_official_choose_idx():
+    names = ["a.png", "b.jpg", "c.png"]
+    assert rssa.span_indices("all", names) == [0, 1, 2]
+    assert rssa.span_indices("c.png,b", names) == [2, 1]
+    for bad in ["d", "a,a.png"]:
+        with pytest.raises(UserError, match="--span"):
+            rssa.span_indices(bad, names)
+    # run.sh's caricatures 5-shot line: choose_idx [1, 3, 4, 6, 8] into the listdir order of the shipped
+    # latents (the spec's index -> file table) are the preset's five files
+    listdir = [f"{n}.png" for n in (91, 98, 99, 97, 94, 93, 90, 92, 96, 95)]
+    preset = rssa.PRESETS["face2caricatures-5shot"]
+    assert sorted(rssa.span_indices(preset.span, listdir)) == [1, 3, 4, 6, 8]
+    assert (preset.iters, preset.n_train) == (1501, 5)
+    assert all(p.span == "all" for k, p in rssa.PRESETS.items() if k != "face2caricatures-5shot")
+
+
 # ------------------------------------------------------------------------------------------------
 # inversion
 
@@ -196,13 +262,13 @@ def test_inversion_reduces_its_loss_and_batches_exactly(lpips_random):
     with torch.no_grad():
         images = g([torch.randn(2, 16)], randomize_noise=False)[0]  # reachable targets
     torch.manual_seed(1)
-    codes, history = rssa.invert(g, images, lpips_random, steps=12, lr=0.1)
+    codes, history = common.invert_wplus(g, images, lpips_random, steps=12, lr=0.1)
     assert codes.shape == (2, g.n_latent, 16) and history.shape == (12, 2)
     assert torch.all(history[-1] < 0.8 * history[0]), history[[0, -1]]
     # one batched run = one run per image (same w_avg): the same losses at every step (the codes agree too,
     # except where a gradient entry is at rounding-noise level and Adam's first steps normalise it to +-lr)
     torch.manual_seed(1)
-    _, alone = rssa.invert(g, images[1:], lpips_random, steps=3, lr=0.1)
+    _, alone = common.invert_wplus(g, images[1:], lpips_random, steps=3, lr=0.1)
     assert torch.allclose(alone[:, 0], history[:3, 1], rtol=1e-4)
 
 
@@ -213,6 +279,43 @@ def test_official_inversion_input_is_a_nearest_stretch(tmp_path):
     rows, cols = [0, 1, 3, 4], [0, 2, 5, 7]  # nearest source pixel: floor(i * in / out)
     expected = torch.from_numpy(array[rows][:, cols].copy()).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(ours, expected)
+
+
+def official_saved_code(g, image, lpips_fn, iter_num, save_every):
+    """invert_gan.py's loop for one image: w_avg start, Adam(0.1) and StepLR(1000, 0.5) stepped every step, and
+    the code saved after the update of each step with step % save_every == 0; returns the last saved code."""
+    with torch.no_grad():
+        w_avg = g.style(torch.randn(common.INVERT_MEAN_SAMPLES, g.style_dim)).mean(0)  # [D]
+    latent = w_avg.repeat(1, g.n_latent, 1).requires_grad_(True)  # [1, L, D]
+    optim = torch.optim.Adam([latent], lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(optim, 1000, 0.5)
+    for step in range(iter_num):
+        recon = g([latent], input_is_latent=True, randomize_noise=False)[0]
+        loss = lpips_fn(recon, image).mean() + F.mse_loss(recon, image)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        schedule.step()
+        if step % save_every == 0:
+            saved = latent.detach().clone()
+    return saved
+
+
+def test_inversion_step_count_is_the_official_saved_code(lpips_random, tmp_path):
+    # official: --iter_num 4002, saved every 500 steps after the update, so the last code has 4001 updates
+    args = rssa.parse_args(["--source", "s.pt", "--target", "t", "--out", str(tmp_path / "out")])
+    assert args.invert_steps == max(s for s in range(4002) if s % 500 == 0) + 1 == 4001
+    # the same rule at a small scale: iter_num 4, saved every 2 -> the code after step 2, i.e. 3 updates
+    torch.manual_seed(0)
+    g = Generator(32, style_dim=16, n_mlp=2, channel_cap=16).eval().requires_grad_(False)
+    with torch.no_grad():
+        image = g([torch.randn(1, 16)], randomize_noise=False)[0]  # [1, 3, 32, 32]
+    torch.manual_seed(1)
+    official = official_saved_code(g, image, lpips_random, iter_num=4, save_every=2)
+    torch.manual_seed(1)
+    ours, _ = common.invert_wplus(g, image, lpips_random, steps=3, lr=0.1)
+    # (one update more or less moves every entry by about lr: Adam's early steps are +-lr)
+    assert torch.allclose(ours, official, atol=1e-6)
 
 
 def test_user_run_never_falls_back_to_random_lpips(setup, monkeypatch, tmp_path):
@@ -291,12 +394,56 @@ def test_end_to_end_files_cache_and_checkpoint(setup, shared_lpips, capsys):
     assert (images - evaluate.to_uint8(without_p).float()).abs().mean() > 1
     # a second run in the same folder reuses the codes; other settings need --reinvert
     capsys.readouterr()
-    run_rssa(source, target, out, "--iter", "1")
+    run_rssa(source, target, out, "--iter", "1", "--overwrite")
     assert "using the cached target codes" in capsys.readouterr().out
     with pytest.raises(UserError, match="--reinvert"):
-        run_rssa(source, target, out, "--iter", "1", "--invert-steps", "1")
-    run_rssa(source, target, out, "--iter", "1", "--invert-steps", "1", "--reinvert")
+        run_rssa(source, target, out, "--iter", "1", "--invert-steps", "1", "--overwrite")
+    run_rssa(source, target, out, "--iter", "1", "--invert-steps", "1", "--reinvert", "--overwrite")
     assert torch.load(out / "target_codes.pt", weights_only=True)["settings"]["steps"] == 1
+
+
+@pytest.mark.parametrize("mixing_fix", [False, True])
+def test_training_steps_mix_only_with_the_fix_and_p_spans_the_chosen_codes(setup, shared_lpips, monkeypatch, mixing_fix):
+    """Spies on a tiny run (--mixing 1: a second z on every patch iteration): the W+ code of each D / G step is
+    P(G.style(z0)) as the official generator makes it (default), or a crossover of P(z0) and P(z1) (--mixing-fix)."""
+    root, source, target = setup
+    drawn, checked, captured = [], [], {}
+    mixing_noise, forward, span_projectors = common.mixing_noise, stylegan2.Generator.forward, rssa.span_projectors
+
+    def spy_mixing_noise(*args):
+        zs = mixing_noise(*args)
+        drawn.append(zs)
+        return zs
+
+    def spy_projectors(codes):
+        captured["codes"] = codes
+        captured["projectors"] = span_projectors(codes)
+        return captured["projectors"]
+
+    def spy_forward(self, styles, **kwargs):
+        if kwargs.get("input_is_latent") and not kwargs.get("return_feats") and not kwargs.get("return_latents") and drawn:
+            zs = drawn.pop()
+            assert len(zs) == 2  # the second z is still drawn, as the official mixing_noise
+            with torch.no_grad():
+                w0, w1 = [rssa.compress_latents(self.style(z), captured["projectors"], blend) for z in zs]  # [B, L, D]
+            latent = styles[0]  # [B, L, D]
+            crossings = [k for k in range(1, self.n_latent) if torch.equal(latent[:, :k], w0[:, :k]) and torch.equal(latent[:, k:], w1[:, k:])]
+            assert len(crossings) == 1 if mixing_fix else torch.equal(latent, w0)
+            checked.append(latent.shape)
+        return forward(self, styles, **kwargs)
+
+    monkeypatch.setattr(common, "mixing_noise", spy_mixing_noise)
+    monkeypatch.setattr(rssa, "span_projectors", spy_projectors)
+    monkeypatch.setattr(stylegan2.Generator, "forward", spy_forward)
+    blend = rssa.slot_blend("face", 8, 32)
+    out = root / f"mixing-{mixing_fix}"
+    flags = ["--mixing-fix"] if mixing_fix else []
+    path = run_rssa(source, target, out, "--iter", "2", "--mixing", "1", "--span", "1,3.png", "--invert-steps", "1", *flags)
+    assert checked == [(2, 8, 16)] * 2  # iteration 1 (a patch iteration): the D step and the G step
+    # P is spanned by the codes of 1.png and 3.png only, and the checkpoint keeps those
+    codes = torch.load(out / "target_codes.pt", weights_only=True)["codes"]  # [5, L, D], every target image
+    assert torch.equal(captured["codes"].cpu(), codes[[1, 3]])
+    assert torch.equal(torch.load(path, weights_only=True)["latent_codes"], codes[[1, 3]])
 
 
 def test_resume_is_bit_for_bit(setup, shared_lpips):
