@@ -196,7 +196,11 @@ def parse_args(argv=None):
         if first.source is not None:
             parser.set_defaults(target=text_slug(first.target_text))  # stands in for --target, which a run with --source needs
     args = common.parse_args_or_demo(parser, argv, "difa", target=os.path.join(common.DEMO_TARGET, "00.png"), path_options=("clip_weights", "e4e", "clip_vocab"),
-                                     iter=301, psp_model_weight=0.0, clip_mean_samples=1000)
+                                     iter=301, clip_mean_samples=1000,
+                                     # the demo's own CLIP and e4e, trained on toy faces (demo/toyclip.py, demo/toye4e.py)
+                                     clip_models="toy", clip_weights=os.path.join(common.DEMO_DIR, "toyclip.pt"), clip_model_weights="1.0",
+                                     clip_vocab=os.path.join(common.DEMO_DIR, "toyclip_vocab.txt.gz"),
+                                     e4e=os.path.join(common.DEMO_DIR, "toye4e.pt"))
     common.check_common_args(args)
     args.clip_models = [m.strip() for m in args.clip_models.split(",") if m.strip()]
     args.clip_model_weights = [float(c) for c in args.clip_model_weights.split(",")]
@@ -215,6 +219,8 @@ def parse_args(argv=None):
             option = "--" + wrong[0].replace("_", "-")
             raise UserError(f"{option} is a DiFa option, unused by --baseline nada" if args.baseline == "nada"
                             else f"{option} is a StyleGAN-NADA option: add --baseline nada")
+        if args.target_text is None and "source_text" in given:
+            raise UserError("--source-text goes with --target-text (an image target's source is the mean of G_A samples)")
     if args.auto_layer_k is not None and args.auto_layer_k < 1:
         raise UserError(f"--auto-layer-k must be at least 1, got {args.auto_layer_k}")
     if args.auto_layer_iters < 0 or args.auto_layer_batch < 1 or args.img2img_batch < 1:
@@ -477,7 +483,8 @@ def main(argv=None):
             # d_m = normalize(mean_k t_k - mean_k s_k) over NADA's templates
             text_directions.append(text_direction(prompt_embeddings(text_tower, args.target_text, args.clip_vocab),
                                                   prompt_embeddings(text_tower, args.source_text, args.clip_vocab)))
-            select_targets.append(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, ("{}",))[0])  # t_m, [D]
+            if select:  # t_m = the unit embedding of the raw text, [D]
+                select_targets.append(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, ("{}",))[0])
     else:
         with torch.no_grad():
             for tower in towers:
@@ -486,8 +493,8 @@ def main(argv=None):
                 ref_emb.append(emb)  # [n, D]
                 if local:
                     ref_tokens.append(reference_tokens(tokens[args.clip_layer], args.ref_tokens))  # [N, W] or [n N, W]
-                # t_m = normalize(mean_r normalize(e_r)), the release's target_image
-                select_targets.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
+                if select:  # t_m = normalize(mean_r normalize(e_r)), the release's target_image, [D]
+                    select_targets.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
     encoder = None
     if not nada and args.psp_model_weight > 0:
         encoder = load_e4e(args.e4e).to(device)

@@ -2,8 +2,8 @@
 
     python -m demo.toyclip       # writes demo/toyclip.pt and demo/toyclip_vocab.txt.gz (what the repository ships)
 
-What it is: a ViT image tower (32 px, patch 4, width 64, 4 blocks) and a causal text tower (width 64, 2 blocks,
-context 32) with a shared 64-d embedding, saved as a plain state dict in OpenAI's CLIP layout (visual.* for the
+What it is: a ViT image tower (32 px, patch 4, width 32, 4 blocks) and a causal text tower (width 32, 2 blocks,
+context 32) with a shared 32-d embedding, saved as a plain state dict in OpenAI's CLIP layout (visual.* for the
 image tower; token_embedding, positional_embedding, transformer.*, ln_final, text_projection; logit_scale), so
 pretrained.load_vision_tower and pretrained.load_text_tower read it as they read ViT-B/32. Its tokenizer is
 pretrained.tokenize with demo/toyclip_vocab.txt.gz, a merges file in OpenAI's format (a version line, then one
@@ -166,7 +166,7 @@ def write_vocab(path, merges):
 class ToyCLIP(nn.Module):
     """The two towers and the temperature; state_dict() is in OpenAI's CLIP layout."""
 
-    def __init__(self, vocab_size, context_length=32, width=64, vision_layers=4, text_layers=2, embed_dim=64):
+    def __init__(self, vocab_size, context_length=32, width=32, vision_layers=4, text_layers=2, embed_dim=32):
         super().__init__()
         self.visual = pretrained.VisionTower(width, vision_layers, patch=4, resolution=32, out_dim=embed_dim)
         self.text = pretrained.TextTower(vocab_size, context_length, width, text_layers, embed_dim)
@@ -233,7 +233,7 @@ def train(args, vocab, log=print):
         loss.backward()
         optim.step()
         schedule.step()
-        if (step + 1) % 50 == 0 or step + 1 == args.steps:
+        if (step + 1) % 25 == 0 or step + 1 == args.steps:
             log(f"step {step + 1}/{args.steps}: loss {loss.item():.4f}, scale {model.logit_scale.exp().item():.1f}")
     return model.eval()
 
@@ -242,10 +242,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="train the demo's toy CLIP", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=TOYCLIP_PATH, help="weights (OpenAI's CLIP state-dict layout)")
     p.add_argument("--vocab", default=VOCAB_PATH, help="BPE merges file written for the tokenizer")
-    p.add_argument("--faces", type=int, default=4000, help="training faces, each rendered in the three styles (our choice)")
-    p.add_argument("--steps", type=int, default=450, help="optimiser steps (our choice: about 15 min on the loaded 2-core CPU)")
-    p.add_argument("--batch", type=int, default=128, help="image-caption pairs per step (our choice)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, one-cycle schedule (our choice)")
+    p.add_argument("--faces", type=int, default=2000, help="training faces, each rendered in the three styles (our choice)")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps (our choice: about 15 min on the loaded 2-core CPU)")
+    p.add_argument("--batch", type=int, default=64, help="image-caption pairs per step (our choice)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate, one-cycle schedule (our choice)")
     p.add_argument("--context-length", type=int, default=32, help="text tokens per caption (our choice; OpenAI: 77)")
     p.add_argument("--seed", type=int, default=0, help="seed of torch and numpy (our choice)")
     args = p.parse_args(argv)

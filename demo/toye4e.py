@@ -81,7 +81,7 @@ def train(g, args, log=print):
         loss.backward()
         optim.step()
         schedule.step()
-        if (step + 1) % 100 == 0 or step + 1 == args.steps:
+        if (step + 1) % 25 == 0 or step + 1 == args.steps:
             log(f"step {step + 1}/{args.steps}: code MSE {code_loss.item():.4f}, pixel MSE {pixel_loss.item():.4f}")
     return encoder.eval()
 
@@ -90,8 +90,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="train the demo's toy e4e encoder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", default=SOURCE_PATH, help="the generator to invert (its g_ema)")
     p.add_argument("--out", default=TOYE4E_PATH, help="e4e-layout checkpoint")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (our choice: about 10 min on the loaded 2-core CPU)")
-    p.add_argument("--batch", type=int, default=32, help="generated images per step (our choice)")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps (our choice: about 10 min on the loaded 2-core CPU)")
+    p.add_argument("--batch", type=int, default=16, help="generated images per step (our choice)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, one-cycle schedule (our choice)")
     p.add_argument("--pixel-weight", type=float, default=1.0, help="weight of the pixel MSE next to the code MSE (our choice)")
     p.add_argument("--mixing", type=float, default=0.5, help="probability of a two-w mixed code (our choice)")

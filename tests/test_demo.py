@@ -178,10 +178,13 @@ def test_no_source_and_target_means_the_demo(capsys, tmp_path, monkeypatch):
             module.parse_args(["--source", common.DEMO_SOURCE])
         assert not module.parse_args(["--source", common.DEMO_SOURCE, "--target", common.DEMO_TARGET]).demo
     args = difa.parse_args([])
-    assert args.demo and os.path.isfile(args.target) and args.psp_model_weight == 0  # no e4e for toy faces
+    assert args.demo and os.path.isfile(args.target) and args.psp_model_weight > 0  # the toy e4e is on
+    assert args.clip_models == ["toy"] and args.clip_paths == [os.path.join(common.DEMO_DIR, "toyclip.pt")]
 
 
-def test_difa_demo_without_clip_weights_says_so(tmp_path, monkeypatch):
+def test_difa_without_clip_weights_says_so(tmp_path, monkeypatch):
+    """The demo reads the shipped toy CLIP; a run on a user's data needs OpenAI's files and, offline without
+    them, stops with one line."""
     import difa
 
     def no_network(url, *a, **k):
@@ -191,5 +194,5 @@ def test_difa_demo_without_clip_weights_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(common.UserError, match=r"CLIP ViT-B/32 is not in .*--clip-weights"):
-        difa.main([])
+        difa.main(["--source", common.DEMO_SOURCE, "--target", os.path.join(common.DEMO_TARGET, "00.png")])
 

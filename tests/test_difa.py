@@ -685,6 +685,7 @@ def test_text_and_nada_one_line_errors(setup, weights, tmp_path, capsys):
         ([*ref, "--auto-layer-k", "2"], "--auto-layer-k is a StyleGAN-NADA option"),
         (["--baseline", "nada", *ref, "--lambda-partial", "2"], "--lambda-partial is a DiFa option"),
         (["--target-text", " "], "must not be empty"),
+        ([*ref, "--source-text", "photo"], "--source-text goes with --target-text"),
         (["--target-text", "a sketch"], "no text tower"),  # the image-only CLIP files
     ]
     for args, message in cases:

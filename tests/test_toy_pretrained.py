@@ -1,0 +1,68 @@
+"""The demo's toy CLIP and toy e4e as shipped (demo/toyclip.pt with demo/toyclip_vocab.txt.gz, demo/toye4e.pt):
+they load through pretrained.py's readers of OpenAI's and e4e's files unchanged, and do their jobs on a few
+fixed faces the networks never saw."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pretrained
+from demo import toyclip, toye4e, toyfaces
+from stylegan2 import load_checkpoint
+
+SEEDS = range(toyclip.EVAL_SEED_START, toyclip.EVAL_SEED_START + 4)  # held-out faces (toyclip's evaluation range)
+MAX_BYTES = 10 * 2**20
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return pretrained.load_vision_tower(toyclip.TOYCLIP_PATH), pretrained.load_text_tower(toyclip.TOYCLIP_PATH)
+
+
+def test_toyclip_loads_as_an_openai_file(towers):
+    vision, text = towers
+    assert os.path.getsize(toyclip.TOYCLIP_PATH) < MAX_BYTES
+    assert (vision.resolution, vision.patch, vision.depth) == (32, 4, 4)
+    assert text.context_length == 32
+    assert text.token_embedding.num_embeddings == pretrained.vocab_size(toyclip.VOCAB_PATH)
+    assert vision.proj.shape[1] == text.text_projection.shape[1]  # one shared embedding space
+    assert "logit_scale" in torch.load(toyclip.TOYCLIP_PATH, weights_only=True)
+
+
+def test_vocab_tokenizes_the_captions_without_byte_fallbacks():
+    tokenizer = pretrained.load_tokenizer(toyclip.VOCAB_PATH)
+    first_merge = 2 * 256  # ids below are single byte symbols
+    texts = [phrase for phrases in toyclip.STYLE_PHRASES.values() for phrase in phrases]
+    texts += [", ".join(toyclip.attributes(toyfaces.sample_params(s), style)) for s in SEEDS for style in toyfaces.STYLES]
+    for text in texts:
+        for word in pretrained.split_pattern().findall(text):
+            ids = tokenizer.encode(word)
+            assert len(ids) == 1 and (len(word) == 1 or ids[0] >= first_merge), (word, ids)
+    # the longest training caption fits the 32-token context
+    longest = max(toyclip.STYLE_PHRASES["sunglasses"], key=len)
+    attributes = sorted(toyclip.attributes(toyfaces.sample_params(SEEDS[0]), "sunglasses"), key=len)[-toyclip.MAX_ATTRIBUTES:]
+    pretrained.tokenize(", ".join([longest, *attributes]), 32, vocab=toyclip.VOCAB_PATH)
+
+
+def test_toyclip_ranks_the_right_style_prompt_first(towers):
+    """Most of eight held-out renders per style (its zero-shot accuracy is about 0.9 for source and sunglasses)."""
+    vision, text = towers
+    seeds = range(toyclip.EVAL_SEED_START, toyclip.EVAL_SEED_START + 8)
+    with torch.no_grad():
+        prompts = F.normalize(text(pretrained.tokenize(toyclip.PROMPTS, 32, vocab=toyclip.VOCAB_PATH)), dim=-1)  # [3, D]
+        for k, style in enumerate(toyfaces.STYLES):
+            images = toyfaces.render_batch(seeds, style, 32)  # [8, 3, 32, 32]
+            emb = F.normalize(vision(pretrained.clip_input(images, 32))[0], dim=-1)  # [8, D]
+            assert ((emb @ prompts.t()).argmax(1) == k).sum() >= 6, style
+
+
+def test_toye4e_loads_and_beats_the_mean_code():
+    assert os.path.getsize(toye4e.TOYE4E_PATH) < MAX_BYTES
+    encoder = pretrained.load_e4e(toye4e.TOYE4E_PATH)
+    models, _ = load_checkpoint(toye4e.SOURCE_PATH, require=("g_ema",))
+    g = models["g_ema"]
+    assert encoder.latent_avg.shape == (g.n_latent, g.style_dim) and encoder.size == g.size
+    report = toye4e.reconstruction_report(encoder, g, n=8, seed=0)
+    assert report["encoder"] < 0.5 * report["mean code"], report
