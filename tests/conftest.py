@@ -79,15 +79,29 @@ def standard_bad_inputs(tmp_path, source, target):
     ]
 
 
-def assert_cli_errors(script, cases, base):
+def assert_cli_errors(script, cases, base, every_case_as_a_process=False):
     """Each case run as `python <script> argv base` exits 2 with one stderr line `error: ...message...`.
-    The cases run as concurrent processes: each is mostly a single-threaded interpreter start-up."""
+
+    The first case (every case with every_case_as_a_process) runs as a process: what a user sees, through the
+    script's common.run_main. The others call the script's main() in this process and expect the one-line
+    UserError / CheckpointError that run_main prints (an interpreter start-up each would cost seconds on two
+    cores). Processes run concurrently: each is mostly a single-threaded interpreter start-up."""
+    import importlib
     import subprocess
     import sys
 
+    from common import UserError
+    from stylegan2 import CheckpointError
+
+    as_processes = cases if every_case_as_a_process else cases[:1]
     processes = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, *base], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=ROOT) for args, _ in cases]
-    for (args, message), process in zip(cases, processes):
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT) for args, _ in as_processes]
+    module = importlib.import_module(os.path.splitext(script)[0])
+    for args, message in cases[len(as_processes):]:
+        with pytest.raises((UserError, CheckpointError)) as info:
+            module.main([*args, *base])
+        assert message in str(info.value) and "\n" not in str(info.value), (args, str(info.value))
+    for (args, message), process in zip(as_processes, processes):
         stderr = process.communicate()[1].strip()
         assert process.returncode == 2, (args, stderr)
         assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr
