@@ -12,14 +12,13 @@ import math
 import os
 import random
 import sys
-import tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stylegan2 import CheckpointError, ConvLayer, extra_config
+from stylegan2 import CheckpointError, ConvLayer, extra_config, save_atomically
 
 # parameter EMA of the generator: 0.5 ** (32 / 10000), a half-life of 10k images at batch 32 (rosinality, CDC)
 EMA_DECAY = 0.5 ** (32 / 10000)
@@ -694,20 +693,9 @@ def save_comparison_grid(path, source_images, adapted_images, nrow=None):
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file in the same folder, then an atomic rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """torch.save to a temporary file in the same folder, then an atomic rename: never a half-written file
+    (stylegan2.save_atomically, which `python stylegan2.py convert` uses too)."""
+    save_atomically(state, path)
 
 
 _last_training_checkpoint = {}

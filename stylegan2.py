@@ -1515,6 +1515,8 @@ def save_atomically(state, path):
     try:
         with os.fdopen(handle, "wb") as f:
             torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
