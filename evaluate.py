@@ -820,15 +820,22 @@ def cmd_fid(args, device):
     return fid
 
 
-def cmd_kid(args, device):
-    model = load_fid_inception(device, args.random_weights, args.dims, command="kid")
+def real_and_generated_features(args, device, command):
+    """Inception features of the --real folder and of --n samples of --ckpt (KID, density / coverage):
+    (real features [R, F], generated features [N, F])."""
+    model = load_fid_inception(device, args.random_weights, args.dims, command=command)
     _, real = read_folder(args.real)
     feats_real = inception_features(model, real, args.batch, device, desc="real features")
     g = load_generator(args.ckpt, device)
     fake = list(generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating"))
     feats_fake = inception_features(model, fake, args.batch, device, desc="fake features")
+    return feats_real, feats_fake
+
+
+def cmd_kid(args, device):
+    feats_real, feats_fake = real_and_generated_features(args, device, "kid")
     mean, std = kernel_inception_distance(feats_real, feats_fake, args.subsets, args.subset_size, args.seed)
-    print(f"KID {mean:.6f} +- {std:.6f}  ({len(fake)} samples vs {len(real)} real images)")
+    print(f"KID {mean:.6f} +- {std:.6f}  ({len(feats_fake)} samples vs {len(feats_real)} real images)")
     return mean, std
 
 
@@ -954,14 +961,9 @@ def cmd_export(args, device):
 
 
 def cmd_density_coverage(args, device):
-    model = load_fid_inception(device, args.random_weights, args.dims, command="density-coverage")
-    _, real = read_folder(args.real)
-    feats_real = inception_features(model, real, args.batch, device, desc="real features")
-    g = load_generator(args.ckpt, device)
-    fake = list(generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating"))
-    feats_fake = inception_features(model, fake, args.batch, device, desc="fake features")
+    feats_real, feats_fake = real_and_generated_features(args, device, "density-coverage")
     density, coverage = density_coverage(feats_real, feats_fake, args.k)
-    print(f"density {density:.4f}  coverage {coverage:.4f}  ({len(fake)} samples vs {len(real)} real images, k = {args.k}, "
+    print(f"density {density:.4f}  coverage {coverage:.4f}  ({len(feats_fake)} samples vs {len(feats_real)} real images, k = {args.k}, "
           f"Inception features {args.dims})")
     return density, coverage
 

@@ -13,6 +13,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one intra-op thread is faster than two when the CPU is shared (a module's tests use it
+    with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_tiny_source(path, seed=0):
     """A tiny source checkpoint in rosinality's layout (g, g_ema, d, optimisers, argparse args): 32 px,
     style dim 16, 2 mapping layers, every layer capped at 16 channels."""

@@ -23,13 +23,7 @@ TINY_CLIP = dict(width=32, layers=2, patch=8, resolution=32, out_dim=12)
 TINY_E4E = dict(widths=(4, 8, 12, 16), units=(1, 2, 2, 1), style_dim=16, n_styles=8, size=32, se_reduction=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread is faster than two when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
