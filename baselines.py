@@ -429,13 +429,16 @@ def fisher_diagonal(params, batch_losses):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for f, g in zip(fisher, grads):
             if g is not None:
+                # sum_k (d L_k / d theta_i)^2
                 f.add_(g.detach().pow(2))
         n += 1
+    # F_i = (1 / K) sum_k (d L_k / d theta_i)^2
     return [f / n for f in fisher]
 
 
 def ewc_penalty(params, source_params, fisher):
     """sum_i F_i (theta_i - theta_s,i)^2 over all parameters (without lambda)."""
+    # sum_i F_i (theta_i - theta_s,i)^2
     return sum((f * (p - s).pow(2)).sum() for p, s, f in zip(params, source_params, fisher))
 
 
@@ -503,6 +506,7 @@ class ScaleShift(nn.Module):
 
     def regulariser(self):
         """sum_l mean((gamma_l - 1)^2) + mean(beta_l^2) (the official SNGAN bs_reg)."""
+        # sum_l mean((gamma_l - 1)^2) + mean(beta_l^2)
         return sum(F.mse_loss(g, torch.ones_like(g)) + F.mse_loss(b, torch.zeros_like(b)) for g, b in zip(self.gamma, self.beta))
 
 
@@ -510,12 +514,15 @@ def latent_emd(z, samples=BSA_EMD_SAMPLES):
     """BSA's "EMD" of latents z [N, D] to N(0, I): with t [samples N, D] ~ N(0, I) and squared distances d_ij,
     mean_j min_i d_ij + mean_i min_j d_ij (nearest Gaussian sample of each z and nearest z of each sample)."""
     t = torch.randn(samples * z.shape[0], z.shape[1], device=z.device)  # [M, D]
+    # d_ij = |z_i|^2 - 2 <z_i, t_j> + |t_j|^2
     dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ t.t() + t.pow(2).sum(1)  # [N, M]
+    # mean_j min_i d_ij + mean_i min_j d_ij
     return dist.min(0).values.mean() + dist.min(1).values.mean()
 
 
 def bsa_reconstruction_loss(fake, real, lpips_fn, weight_per):
     """(L1, LPIPS): mean |fake - real| and mean LPIPS-VGG(fake, real); images in [-1, 1]."""
+    # (mean |G(z_n) - x_n|, mean LPIPS(G(z_n), x_n))
     return (fake - real).abs().mean(), lpips_fn(fake, real).mean() if weight_per > 0 else fake.new_zeros(())
 
 
