@@ -143,6 +143,10 @@ def parse_args(argv=None):
     parser.add_argument("--target-text", default=None,
                         help="zero-shot target text T in place of --target (NADA's --target_class), e.g. 'a sketch with black pencils'; "
                              "without --source: the demo source")
+    parser.add_argument("--prompt-template", default=None,
+                        help="one template for every text, e.g. 'a {} of a face' (default: NADA's 79 ImageNet templates for the "
+                             "direction and the bare text for the layer selection, as NADA's code; the demo: 'a {} of a face', the "
+                             "toy CLIP's caption grammar, which has never seen NADA's templates)")
     parser.add_argument("--source-text", default="photo", help="source text S of the text direction (default photo: both READMEs' --source_class)")
     parser.add_argument("--clip-vocab", default=None,
                         help="CLIP's BPE merges file for the text prompts (default: OpenAI's bpe_simple_vocab_16e6.txt.gz of an installed "
@@ -199,8 +203,12 @@ def parse_args(argv=None):
                                      iter=301, clip_mean_samples=1000,
                                      # the demo's own CLIP and e4e, trained on toy faces (demo/toyclip.py, demo/toye4e.py)
                                      clip_models="toy", clip_weights=os.path.join(common.DEMO_DIR, "toyclip.pt"), clip_model_weights="1.0",
-                                     clip_vocab=os.path.join(common.DEMO_DIR, "toyclip_vocab.txt.gz"),
-                                     e4e=os.path.join(common.DEMO_DIR, "toye4e.pt"))
+                                     clip_vocab=os.path.join(common.DEMO_DIR, "toyclip_vocab.txt.gz"), prompt_template="a {} of a face",
+                                     e4e=os.path.join(common.DEMO_DIR, "toye4e.pt"),
+                                     # with the official lambda_scc 6 the toy e4e's consistency holds the demo generator at the
+                                     # source (p(sketch) 0.003 after 301 iterations, testbed's scorer); 0.5 lets the toy CLIP's
+                                     # direction through (0.70)
+                                     psp_model_weight=0.5)
     common.check_common_args(args)
     args.clip_models = [m.strip() for m in args.clip_models.split(",") if m.strip()]
     args.clip_model_weights = [float(c) for c in args.clip_model_weights.split(",")]
@@ -221,6 +229,10 @@ def parse_args(argv=None):
                             else f"{option} is a StyleGAN-NADA option: add --baseline nada")
         if args.target_text is None and "source_text" in given:
             raise UserError("--source-text goes with --target-text (an image target's source is the mean of G_A samples)")
+        if args.target_text is None and "prompt_template" in given:
+            raise UserError("--prompt-template goes with --target-text")
+    if args.prompt_template is not None and args.prompt_template.count("{}") != 1:
+        raise UserError(f"--prompt-template needs exactly one {{}} where the text goes, got {args.prompt_template!r}")
     if args.auto_layer_k is not None and args.auto_layer_k < 1:
         raise UserError(f"--auto-layer-k must be at least 1, got {args.auto_layer_k}")
     if args.auto_layer_iters < 0 or args.auto_layer_batch < 1 or args.img2img_batch < 1:
@@ -480,11 +492,12 @@ def main(argv=None):
             if n_vocab != text_tower.token_embedding.num_embeddings or embed_dim != tower.proj.shape[1]:
                 raise UserError(f"{name}: the text tower of {path} ({text_tower.token_embedding.num_embeddings} tokens, {embed_dim}-d) does "
                                 f"not fit the BPE vocabulary ({n_vocab} tokens) or the image tower ({tower.proj.shape[1]}-d)")
+            templates, bare = ((args.prompt_template,),) * 2 if args.prompt_template else (NADA_TEMPLATES, ("{}",))
             # d_m = normalize(mean_k t_k - mean_k s_k) over NADA's templates
-            text_directions.append(text_direction(prompt_embeddings(text_tower, args.target_text, args.clip_vocab),
-                                                  prompt_embeddings(text_tower, args.source_text, args.clip_vocab)))
+            text_directions.append(text_direction(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, templates),
+                                                  prompt_embeddings(text_tower, args.source_text, args.clip_vocab, templates)))
             if select:  # t_m = the unit embedding of the raw text, [D]
-                select_targets.append(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, ("{}",))[0])
+                select_targets.append(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, bare)[0])
     else:
         with torch.no_grad():
             for tower in towers:

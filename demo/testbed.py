@@ -49,6 +49,10 @@ METHODS = {
     "rssa": ("rssa.py", []),
     "progressive_asc": ("progressive_asc.py", []),
     "difa": ("difa.py", []),
+    # zero-shot DiFa and the StyleGAN-NADA baseline (difa.py --baseline nada), one-shot from the same sketch and from text
+    "difa_text": ("difa.py", ["--prompt-template", "{}", "--source-text", "a photo of a face"]),
+    "nada": ("difa.py", ["--baseline", "nada"]),
+    "nada_text": ("difa.py", ["--baseline", "nada", "--prompt-template", "{}", "--source-text", "a photo of a face"]),
     # the papers' baselines (baselines.py); "tgan" is the same method as "finetune" with other random draws
     "tgan": ("baselines.py", ["--baseline", "tgan"]),
     "ada": ("baselines.py", ["--baseline", "ada"]),
@@ -57,6 +61,9 @@ METHODS = {
     "bsa": ("baselines.py", ["--baseline", "bsa"]),
     "minegan": ("baselines.py", ["--baseline", "minegan"]),
 }
+ONE_SHOT = ("difa", "nada")  # trained on the first training image only
+# the text target of the zero-shot rows, per style: the toy CLIP's own caption of that style (demo/toyclip.py)
+TEXT_TARGETS = {"sketch": "a pencil sketch of a face", "sunglasses": "a photo of a face with sunglasses"}
 RESULTS_DIR = os.path.join(ROOT, "demo", "results")
 
 
@@ -82,8 +89,12 @@ def run_method(name, args, out):
     target = os.path.join(common.DEMO_DIR, "targets", args.style)
     command = [sys.executable, os.path.join(ROOT, script), *extra, "--out", out, "--overwrite", "--seed", str(args.seed),
                "--device", args.device]  # the testbed owns its run folders: a new testbed run replaces them
-    if args.style != "sketch":  # the demo's default target is the sketch set; another style needs both paths
-        command += ["--source", common.DEMO_SOURCE, "--target", os.path.join(target, "00.png") if name == "difa" else target]
+    if name.endswith("_text"):
+        command += ["--target-text", TEXT_TARGETS[args.style]]
+        if args.style != "sketch":
+            command += ["--source", common.DEMO_SOURCE]
+    elif args.style != "sketch":  # the demo's default target is the sketch set; another style needs both paths
+        command += ["--source", common.DEMO_SOURCE, "--target", os.path.join(target, "00.png") if name in ONE_SHOT else target]
     if args.iter is not None:
         command += ["--iter", str(args.iter), "--save-every", str(args.iter)]
     for item in args.extra:

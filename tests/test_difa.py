@@ -627,14 +627,15 @@ def test_nada_text_run_and_resume(setup, text_weights):
 
 
 def test_zero_shot_difa_run(setup, text_weights, monkeypatch):
-    """--target-text: d_m is the text direction of each model's own text tower, no L_local, SCC stays."""
+    """--target-text: d_m is the text direction of each model's own text tower (here of --prompt-template's prompts),
+    no L_local, SCC stays."""
     root = setup[0]
     clips = text_weights["clip"].split(",")
     expected = []
     for path in clips:
         tower = pretrained.load_text_tower(path)
-        expected.append(difa.text_direction(difa.prompt_embeddings(tower, "pencil sketch", text_weights["vocab"]),
-                                            difa.prompt_embeddings(tower, "photo", text_weights["vocab"])))
+        expected.append(difa.text_direction(difa.prompt_embeddings(tower, "pencil sketch", text_weights["vocab"], ("a {} of a face",)),
+                                            difa.prompt_embeddings(tower, "photo", text_weights["vocab"], ("a {} of a face",))))
     seen = []
     real = difa.global_clip_loss
 
@@ -645,7 +646,8 @@ def test_zero_shot_difa_run(setup, text_weights, monkeypatch):
     monkeypatch.setattr(difa, "global_clip_loss", spy)
     monkeypatch.setattr(difa, "attentive_style_loss", None)  # never called
     out = root / "zero_shot"
-    argv = ["--source", text_weights["source"], "--target-text", "pencil sketch", "--out", str(out), "--clip-weights", text_weights["clip"],
+    argv = ["--source", text_weights["source"], "--target-text", "pencil sketch", "--prompt-template", "a {} of a face",
+            "--out", str(out), "--clip-weights", text_weights["clip"],
             "--clip-vocab", text_weights["vocab"], "--e4e", text_weights["e4e"], "--sliding-window-size", "1", "--iter", "2",
             "--save-every", "1", "--sample-every", "100", "--n-sample", "2", "--device", "cpu"]
     difa.main(argv)
@@ -663,6 +665,7 @@ def test_text_target_arguments(setup, capsys):
     assert args.source_text == "photo" and args.sample_truncation == 0.5 and args.save_every == 300
     demo = difa.parse_args(["--target-text", "a pencil sketch"])  # the demo source, no reference image
     assert demo.demo and demo.source == common.DEMO_SOURCE and demo.target == "a-pencil-sketch"
+    assert demo.prompt_template == "a {} of a face" and args.prompt_template is None  # the toy CLIP's caption grammar
     nada = difa.parse_args(["--baseline", "nada", "--source", source, "--target-text", "x"])
     assert nada.save_every == 150 and nada.sample_truncation == 0.7 and nada.auto_layer_k is None and nada.auto_layer_iters == 1
     capsys.readouterr()
@@ -680,6 +683,8 @@ def test_text_and_nada_one_line_errors(setup, weights, tmp_path, capsys):
         (["--baseline", "nada", *ref, "--lambda-partial", "2"], "--lambda-partial is a DiFa option"),
         (["--target-text", " "], "must not be empty"),
         ([*ref, "--source-text", "photo"], "--source-text goes with --target-text"),
+        ([*ref, "--prompt-template", "a {} of a face"], "--prompt-template goes with --target-text"),
+        (["--target-text", "a sketch", "--prompt-template", "a face"], "--prompt-template needs exactly one {}"),
         (["--target-text", "a sketch"], "no text tower"),  # the image-only CLIP files
     ]
     for args, message in cases:
