@@ -698,18 +698,21 @@ def main(argv=None):
             if miner:
                 common.requires_grad(miner, True)
             common.requires_grad(discriminator, False)
+            generator.zero_grad()
+            if miner:
+                miner.zero_grad()
+            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
             fake_img, _ = generator(sample_latents(args.batch))
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+            terms.add(g_loss)
 
             # METHOD: EWC's penalty lambda sum_i F_i (theta_i - theta_s,i)^2
             ewc_loss = torch.zeros((), device=device)
             if fisher is not None:
                 ewc_loss = ewc_penalty(list(generator.parameters()), source_params, fisher)
-            # L_G + lambda L_ewc
-            generator.zero_grad()
-            if miner:
-                miner.zero_grad()
-            (g_loss + args.ewc_weight * ewc_loss).backward()
+                # L_G + lambda L_ewc
+                terms.add(args.ewc_weight * ewc_loss)
+            terms.backward()
             if train_g:
                 g_optim.step()
             if miner:

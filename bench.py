@@ -6,6 +6,7 @@ one full GAN step (D step + G step, as in rosinality's train.py without the lazy
     python bench.py --size 64 --reference /path/to/stylegan2-pytorch   # also rosinality's model.py, same weights
     python bench.py --size 64 --method cdc                   # seconds per training iteration of cdc.py
     python bench.py --size 64 --method rssa --method-args "--invert-steps 2 --lpips-random-backbone"
+    python bench.py --size 256 --method cdc --memory         # peak memory of cdc.py's first two iterations, and where
     python bench.py --size 64 --asc-parts                    # the parts of progressive_asc.py's L_asc
 
 Prints seconds (median of --repeat runs after one warm-up), it/s and peak memory (CUDA: max allocated;
@@ -13,11 +14,13 @@ CPU: the process's peak resident set size so far). `--form` times one modulated-
 """
 
 import argparse
+import linecache
 import os
 import resource
 import shlex
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -30,6 +33,42 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_memory_bytes(device):
+    """What the peak is made of, now: CUDA memory allocated, or the process's resident set (Linux /proc)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakWhere(threading.Thread):
+    """Samples the memory in use every `interval` seconds while the main thread runs a method, and remembers the
+    main thread's line in `script` (the training loop's line: which phase) at the highest sample. The peak
+    itself is read exactly afterwards (peak_memory_mb); sampling only says where it is reached."""
+
+    def __init__(self, device, script, interval=0.002):
+        super().__init__(daemon=True)
+        self.device, self.script, self.interval = device, os.path.abspath(script), interval
+        self.main_id = threading.main_thread().ident
+        self.highest, self.where, self.running = 0, "not sampled", True
+
+    def run(self):
+        while self.running:
+            used = current_memory_bytes(self.device)
+            if used > self.highest:
+                frame = sys._current_frames().get(self.main_id)
+                while frame is not None and os.path.abspath(frame.f_code.co_filename) != self.script:
+                    frame = frame.f_back
+                if frame is not None:
+                    line = linecache.getline(self.script, frame.f_lineno).strip()
+                    self.highest, self.where = used, f"{os.path.basename(self.script)}:{frame.f_lineno} {line}"
+            time.sleep(self.interval)
+
+    def stop(self):
+        self.running = False
+        self.join()
 
 
 def timed(fn, device, repeat):
@@ -135,6 +174,25 @@ def benchmark_method(args, device):
                 torch.cuda.synchronize(device)
             return time.perf_counter() - start
 
+        if args.summed_backward:
+            import common
+
+            common.LossTerms.summed = True
+        if args.memory:
+            # iterations 0 and 1: every lazy regulariser runs at iteration 0, and CDC-style anchor / patch iterations alternate
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            where = PeakWhere(device, method.__file__)
+            where.start()
+            try:
+                run(2, "m")
+            finally:
+                where.stop()
+            print(f"{args.method}.py: size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, device {device}, "
+                  f"threads {torch.get_num_threads()}, torch {torch.__version__}, args {args.method_args!r}")
+            print(f"peak memory {peak_memory_mb(device):.0f} MB ({'max allocated' if device.type == 'cuda' else 'peak resident set'}), "
+                  f"reached at {where.where}")
+            return
         base = run(1, "a")
         total = run(1 + args.repeat, "b")
     per_iter = (total - base) / args.repeat
@@ -206,6 +264,10 @@ def main():
     parser.add_argument("--reference", default=None, help="path of a rosinality/stylegan2-pytorch checkout to time too")
     parser.add_argument("--method", default=None, help="time training iterations of this method file instead (e.g. cdc)")
     parser.add_argument("--method-args", default="", help="extra arguments for the method file, as one string")
+    parser.add_argument("--memory", action="store_true",
+                        help="with --method: peak memory of the method's first two iterations and the loop line where it is reached, instead of time")
+    parser.add_argument("--summed-backward", action="store_true",
+                        help="with --method: one backward over the sum of the G step's loss terms (the form before common.LossTerms)")
     parser.add_argument("--asc-parts", action="store_true", help="time the parts of progressive_asc.py's L_asc instead")
     args = parser.parse_args()
     if args.threads:

@@ -226,8 +226,11 @@ def main(argv=None):
             common.requires_grad(generator, True)
             common.requires_grad(discriminator, False)
             common.requires_grad(head, False)
+            generator.zero_grad()
+            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
             fake_img, _ = generator(common.mixing_noise(args.batch, latent_dim, args.mixing, device))
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+            terms.add(g_loss)
 
             # METHOD: contrastive cross-domain correspondence on a fresh batch z ~ N(0, I)
             con_loss = torch.zeros((), device=device)
@@ -243,9 +246,9 @@ def main(argv=None):
                     feat_src = encode(g_source, z, noise_src, index)  # [M, D']
                 feat_tgt = encode(generator, z, noise_tgt, index)  # [M, D']
                 con_loss = contrastive_correspondence_loss(feat_src, feat_tgt, args.tau)
-            # L_G + lambda_con L_con
-            generator.zero_grad()
-            (g_loss + args.con_wt * con_loss).backward()
+                # L_G + lambda_con L_con
+                terms.add(args.con_wt * con_loss)
+            terms.backward()
             g_optim.step()
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing)

@@ -268,8 +268,11 @@ def main(argv=None):
             common.requires_grad(generator, True)
             common.requires_grad(discriminator, False)
             common.requires_grad(head, False)
+            generator.zero_grad()
+            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
             fake_img, _ = generator(sample_latents(args.batch))
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+            terms.add(g_loss)
 
             # METHOD: cross-domain distance consistency on a fresh batch z ~ N(0, I)
             dist_loss = torch.zeros((), device=device)
@@ -294,9 +297,9 @@ def main(argv=None):
                                                   args.kl_direction, args.kl_reduction)
                         for layer in range(1, n_latent - 1)
                     )
-            # L_G + lambda L_dist
-            generator.zero_grad()
-            (g_loss + args.kl_wt * dist_loss).backward()
+                # L_G + lambda L_dist
+                terms.add(args.kl_wt * dist_loss)
+            terms.backward()
             g_optim.step()
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)

@@ -339,6 +339,33 @@ def g_path_regularize(fake_img, latents, mean_path_length, decay=0.01, noise=Non
     return path_penalty, path_mean.detach(), path_lengths
 
 
+class LossTerms:
+    """The generator step's loss terms, each back-propagated as soon as it is formed: its graph is freed before
+    the next term's forward builds another, and the gradients add up in .grad. One backward over the sum would
+    keep every term's graph alive at once; the gradients are the same up to float summation order (a test checks
+    1e-6 relative). Terms that share a graph must be added as one term. summed=True (tests, bench.py
+    --summed-backward) restores that single backward over the sum, to compare the two."""
+
+    summed = False
+
+    def __init__(self):
+        self.total = None
+
+    def add(self, loss):
+        if not loss.requires_grad:  # a term that is off (a zero tensor)
+            return
+        if self.summed:
+            self.total = loss if self.total is None else self.total + loss
+        else:
+            loss.backward()
+
+    def backward(self):
+        """The single backward of the summed form; nothing left to do in the default form."""
+        if self.total is not None:
+            self.total.backward()
+            self.total = None
+
+
 def make_adam(params, lr, reg_every):
     """Adam(lr c, betas (0, 0.99^c)) with c = k / (k + 1) for a regulariser applied every k steps
     (StyleGAN2's lazy regularisation keeps the effective step size of the main loss)."""

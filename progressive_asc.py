@@ -545,8 +545,11 @@ def main(argv=None):
             common.requires_grad(generator, True)
             common.requires_grad(discriminator, False)
             common.requires_grad(head, False)
+            generator.zero_grad()
+            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
             fake_img, _ = generator(sample_latents(args.batch))
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+            terms.add(g_loss)
 
             # METHOD: ASC forwards first on a fresh batch z ~ N(0, I); the CPU flow (5) runs while IDC computes
             asc_loss = torch.zeros((), device=device)
@@ -583,9 +586,9 @@ def main(argv=None):
                     feats_ref_asc, feats_cur_asc, edges, flow, asc_layers, generator.size, args.cutoff,
                     use_pred=not args.no_pred, use_cutoff=not args.no_cutoff, kind=args.flow_magnitude, sampler=args.asc_sampler)
                 asc_loss = asc_kl(sim_ref, sim_cur, sizes if args.asc_softmax == "per_layer" else None)
-            # (10) L_G + lambda_prog (L_idc + lambda_asc L_asc)
-            generator.zero_grad()
-            (g_loss + args.kl_wt * (dist_loss + ASC_WEIGHT_FACTOR * args.lfcw * asc_loss)).backward()
+            # (10) L_G + lambda_prog (L_idc + lambda_asc L_asc); one term: L_idc and L_asc can share G_n's forward
+            terms.add(args.kl_wt * (dist_loss + ASC_WEIGHT_FACTOR * args.lfcw * asc_loss))
+            terms.backward()
             g_optim.step()
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)

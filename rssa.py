@@ -575,8 +575,11 @@ def main(argv=None):
             common.requires_grad(generator, True)
             common.requires_grad(discriminator, False)
             common.requires_grad(head, False)
+            generator.zero_grad()
+            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
             fake_img, _ = generator(sample_latents(args.batch), input_is_latent=True)
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+            terms.add(g_loss)
 
             # METHOD: self-correlation consistency on N fresh z through P, fixed noise
             scc_loss = torch.zeros((), device=device)
@@ -589,6 +592,7 @@ def main(argv=None):
                 w_tgt = latents_wplus(generator, [path_z], projectors, blend)  # [N, L, D], G_t's mapping
                 _, feats_tgt = generator([w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True, feats_upto=scc_layers[-1])
                 scc_loss = self_correlation_loss([feats_src[k] for k in scc_layers], [feats_tgt[k] for k in scc_layers])
+                terms.add(args.scc_wt * scc_loss)
 
             # METHOD: disturbance correlation consistency every dcc-every-th iteration (every one without L_scc)
             dcc_loss = torch.zeros((), device=device)
@@ -605,9 +609,9 @@ def main(argv=None):
                 w_tgt = latents_wplus(generator, [z], dcc_projectors, blend)  # [N, L, D]
                 _, feats_tgt = generator([w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True, feats_upto=dcc_layers[-1])
                 dcc_loss = disturbance_correlation_loss(feats_src, feats_tgt, dcc_grids)
-            # L_G + lambda_scc L_scc + lambda_dcc L_dcc
-            generator.zero_grad()
-            (g_loss + args.scc_wt * scc_loss + args.dcc_wt * dcc_loss).backward()
+                terms.add(args.dcc_wt * dcc_loss)
+            # L_G + lambda_scc L_scc + lambda_dcc L_dcc, term by term
+            terms.backward()
             g_optim.step()
 
             # SHARED: lazy path-length regularisation, through P (official: on the structure losses' codes)

@@ -115,12 +115,37 @@ def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
     return out
 
 
+class _BiasLeakyReLU(torch.autograd.Function):
+    """scale * leaky_relu(input + bias), computed by the same ops as autograd would, but saving only its output
+    for backward (which the next layer saves anyway: no extra memory) instead of the pre-activation input + bias
+    (a whole activation map per layer). The gradient is the same ops in the same order as autograd's
+    (grad * scale, then * negative_slope where the output is not positive), written with differentiable ops so
+    that double backward (R1, path length) works; leaky ReLU's second derivative is zero, as autograd's."""
+
+    @staticmethod
+    def forward(ctx, input, bias, negative_slope, scale):
+        x = input if bias is None else input + bias.view([1, bias.shape[0]] + [1] * (input.ndim - 2))
+        out = F.leaky_relu(x, negative_slope) * scale
+        ctx.save_for_backward(out)
+        ctx.negative_slope, ctx.scale, ctx.has_bias = negative_slope, scale, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        grad = grad * ctx.scale
+        # leaky ReLU's derivative: 1 where the input was positive (exactly where the output is), else the slope
+        grad_input = torch.where(out > 0, grad, grad * ctx.negative_slope)
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad_input.sum_to_size([1, out.shape[1]] + [1] * (out.ndim - 2)).flatten()
+        return grad_input, grad_bias, None, None
+
+
 def fused_leaky_relu(input, bias=None, negative_slope=0.2, scale=SQRT2):
-    """scale * leaky_relu(input + bias), bias broadcast over dim 1 (rosinality's `fused_leaky_relu`)."""
-    if bias is not None:
-        shape = [1, bias.shape[0]] + [1] * (input.ndim - 2)
-        input = input + bias.view(shape)
-    return F.leaky_relu(input, negative_slope) * scale
+    """scale * leaky_relu(input + bias), bias broadcast over dim 1 (rosinality's `fused_leaky_relu`); saves only its
+    output for backward (_BiasLeakyReLU)."""
+    return _BiasLeakyReLU.apply(input, bias, negative_slope, scale)
 
 
 class FusedLeakyReLU(nn.Module):

@@ -103,6 +103,33 @@ def test_fused_leaky_relu_formula():
     assert torch.allclose(fused_leaky_relu(x2, b), torch.where(y2 >= 0, y2, 0.2 * y2) * math.sqrt(2), atol=1e-6)
 
 
+def test_fused_leaky_relu_gradients_equal_autograd_and_only_the_output_is_saved():
+    """Its custom backward gives autograd's gradients bit for bit, first and second order (R1 and the path
+    length differentiate through it twice), and keeps only the output alive for backward."""
+    import torch.nn.functional as F
+
+    def autograd_form(x, bias):
+        return F.leaky_relu(x + bias.view(1, -1, 1, 1), 0.2) * math.sqrt(2)
+
+    torch.manual_seed(0)
+    x0, w = torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)
+    b0, mix0, b20 = torch.randn(5), torch.randn(5, 5), torch.randn(5)
+    results = []
+    for f in (autograd_form, fused_leaky_relu):
+        x, b, mix, b2 = (t.clone().requires_grad_() for t in (x0, b0, mix0, b20))
+        y = f(torch.einsum("bchw,cd->bdhw", f(x, b), mix), b2)  # two layers: second-order terms reach mix
+        gx, gb = torch.autograd.grad((y * w).sum(), (x, b), create_graph=True)
+        second = torch.autograd.grad(gx.pow(2).sum() + gb.pow(3).sum(), (mix,))
+        results.append((y, gx, gb, *second))
+    assert all(torch.equal(a, c) for a, c in zip(*results))
+    x, b = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(fused_leaky_relu, (x, b))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fused_leaky_relu(x, b)
+    assert len(saved) == 1 and saved[0].data_ptr() == out.data_ptr()
+
+
 def modconv_direct(conv, x, w):
     """Per-sample weights built explicitly, one ordinary convolution per sample (double precision)."""
     x, w = x.double(), w.double()
