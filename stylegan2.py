@@ -67,6 +67,33 @@ def _as_separable(kernel):
     return None
 
 
+class _ConstantWeightConv2d(torch.autograd.Function):
+    """F.conv2d whose weight (and bias) record no gradient: only the weight is saved for backward, since the input
+    is needed only for the weight's gradient. The input's gradient is the same call autograd makes
+    (convolution_backward, input only), so it is bit for bit autograd's, and it is differentiable again (path
+    length through the generator's FIR filters)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, groups):
+        ctx.save_for_backward(weight)
+        ctx.conv = (input.shape, stride, padding, groups)
+        return F.conv2d(input, weight, bias, stride, padding, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, groups = ctx.conv
+        return torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, 1, groups), None, None, None, None, None
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, groups=1):
+    """F.conv2d, keeping less for backward where weight and bias are constant (FIR filters, a frozen
+    discriminator in the generator step): then autograd would save the input only to never use it."""
+    if torch.is_grad_enabled() and input.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad):
+        return _ConstantWeightConv2d.apply(input, weight, bias, stride, padding, groups)
+    return F.conv2d(input, weight, bias, stride, padding, 1, groups)
+
+
 def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
     """Upsample, pad, FIR-filter and downsample, independently per channel (rosinality's `upfirdn2d`).
 
@@ -107,11 +134,11 @@ def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
         kx, ky = separable
         wx = torch.flip(kx, [0]).view(1, 1, 1, -1).expand(channel, 1, 1, -1)  # [C, 1, 1, kw]
         wy = torch.flip(ky, [0]).view(1, 1, -1, 1).expand(channel, 1, -1, 1)  # [C, 1, kh, 1]
-        out = F.conv2d(out, wx, stride=(1, down_x), groups=channel)
-        out = F.conv2d(out, wy, stride=(down_y, 1), groups=channel)
+        out = conv2d(out, wx, stride=(1, down_x), groups=channel)
+        out = conv2d(out, wy, stride=(down_y, 1), groups=channel)
     else:
         w = torch.flip(kernel, [0, 1])[None, None].expand(channel, 1, -1, -1)  # [C, 1, kh, kw]
-        out = F.conv2d(out, w, stride=(down_y, down_x), groups=channel)
+        out = conv2d(out, w, stride=(down_y, down_x), groups=channel)
     return out
 
 
@@ -214,7 +241,7 @@ class EqualConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
 
     def forward(self, input):
-        return F.conv2d(input, self.weight * self.scale, self.bias, self.stride, self.padding)
+        return conv2d(input, self.weight * self.scale, self.bias, self.stride, self.padding)
 
 
 class EqualLinear(nn.Module):

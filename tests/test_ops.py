@@ -130,6 +130,32 @@ def test_fused_leaky_relu_gradients_equal_autograd_and_only_the_output_is_saved(
     assert len(saved) == 1 and saved[0].data_ptr() == out.data_ptr()
 
 
+def test_constant_weight_conv2d_equals_autograd_and_keeps_only_the_weight():
+    """stylegan2.conv2d with a weight that records no gradient (FIR filters, a frozen D): the output and the
+    input's gradient are F.conv2d's bit for bit, the gradient is differentiable again, and only the weight is
+    kept for backward."""
+    import torch.nn.functional as F
+
+    from stylegan2 import conv2d
+
+    torch.manual_seed(0)
+    for cin, cout, k, stride, padding, groups in [(6, 8, 3, 1, 1, 1), (6, 6, 1, (1, 2), 0, 6), (8, 8, 3, 2, 0, 1)]:
+        x0, w, b = torch.randn(2, cin, 12, 12), torch.randn(cout, cin // groups, k, k), torch.randn(cout)
+        results = []
+        for f in (F.conv2d, conv2d):
+            x = x0.clone().requires_grad_()
+            y = f(x, w, b, stride, padding, groups=groups)
+            (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) * torch.linspace(-1, 1, y.shape[-1]))
+            results.append((y, gx))
+        assert all(torch.equal(a, c) for a, c in zip(*results))
+    x, w = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True), torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(lambda x: conv2d(x, w, None, 1, 1), (x,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        conv2d(x, w, None, 1, 1)
+    assert len(saved) == 1 and saved[0] is w
+
+
 def modconv_direct(conv, x, w):
     """Per-sample weights built explicitly, one ordinary convolution per sample (double precision)."""
     x, w = x.double(), w.double()
