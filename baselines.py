@@ -510,10 +510,10 @@ class ScaleShift(nn.Module):
         return sum(F.mse_loss(g, torch.ones_like(g)) + F.mse_loss(b, torch.zeros_like(b)) for g, b in zip(self.gamma, self.beta))
 
 
-def latent_emd(z, samples=BSA_EMD_SAMPLES):
-    """BSA's "EMD" of latents z [N, D] to N(0, I): with t [samples N, D] ~ N(0, I) and squared distances d_ij,
-    mean_j min_i d_ij + mean_i min_j d_ij (nearest Gaussian sample of each z and nearest z of each sample)."""
-    t = torch.randn(samples * z.shape[0], z.shape[1], device=z.device)  # [M, D]
+def latent_emd(z, t):
+    """BSA's "EMD" of latents z [N, D] to N(0, I), estimated with Gaussian samples t [M, D] ~ N(0, I) (BSA: M = 10 N,
+    BSA_EMD_SAMPLES per latent) and squared distances d_ij: mean_j min_i d_ij + mean_i min_j d_ij (nearest Gaussian
+    sample of each z and nearest z of each sample)."""
     # d_ij = |z_i|^2 - 2 <z_i, t_j> + |t_j|^2
     dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ t.t() + t.pow(2).sum(1)  # [N, M]
     # mean_j min_i d_ij + mean_i min_j d_ij
@@ -837,7 +837,8 @@ def train_bsa(args):
             z = latents[index] + BSA_Z_EPS * torch.randn(len(index), latent_dim, device=device)  # z_n + eps
             fake = generator([z], noise=fixed_noise)[0]  # [B, 3, H, W]
             pixel_loss, perceptual_loss = bsa_reconstruction_loss(fake, targets[index], lpips_fn, args.bsa_perceptual)
-            emd_loss = latent_emd(latents[index])
+            gaussian = torch.randn(BSA_EMD_SAMPLES * len(index), latent_dim, device=device)  # [M, D] ~ N(0, I)
+            emd_loss = latent_emd(latents[index], gaussian)
             reg_loss = scale_shift.regulariser()
             # L1 + lambda_per LPIPS + lambda_emd EMD + lambda_re sum_l |gamma_l - 1|^2 + |beta_l|^2
             loss = pixel_loss + args.bsa_perceptual * perceptual_loss + args.bsa_emd * emd_loss + args.bsa_reg * reg_loss
