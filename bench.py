@@ -53,18 +53,25 @@ class PeakWhere(threading.Thread):
         self.device, self.script, self.interval = device, os.path.abspath(script), interval
         self.main_id = threading.main_thread().ident
         self.highest, self.where, self.running = 0, "not sampled", True
+        self.by_line = {}  # the highest sample at each line of the script
 
     def run(self):
         while self.running:
             used = current_memory_bytes(self.device)
-            if used > self.highest:
-                frame = sys._current_frames().get(self.main_id)
-                while frame is not None and os.path.abspath(frame.f_code.co_filename) != self.script:
-                    frame = frame.f_back
-                if frame is not None:
-                    line = linecache.getline(self.script, frame.f_lineno).strip()
-                    self.highest, self.where = used, f"{os.path.basename(self.script)}:{frame.f_lineno} {line}"
+            frame = sys._current_frames().get(self.main_id)
+            while frame is not None and os.path.abspath(frame.f_code.co_filename) != self.script:
+                frame = frame.f_back
+            if frame is not None:
+                line = linecache.getline(self.script, frame.f_lineno).strip()
+                where = f"{os.path.basename(self.script)}:{frame.f_lineno} {line[:90]}"
+                self.by_line[where] = max(used, self.by_line.get(where, 0))
+                if used > self.highest:
+                    self.highest, self.where = used, where
             time.sleep(self.interval)
+
+    def top(self, n=3):
+        """The n lines with the highest samples, highest first: (line, MB)."""
+        return [(where, used / 2**20) for where, used in sorted(self.by_line.items(), key=lambda item: -item[1])[:n]]
 
     def stop(self):
         self.running = False
@@ -192,6 +199,8 @@ def benchmark_method(args, device):
                   f"threads {torch.get_num_threads()}, torch {torch.__version__}, args {args.method_args!r}")
             print(f"peak memory {peak_memory_mb(device):.0f} MB ({'max allocated' if device.type == 'cuda' else 'peak resident set'}), "
                   f"reached at {where.where}")
+            print("highest samples by line (set-up such as RSSA's inversion included): "
+                  + "; ".join(f"{line}: {mb:.0f} MB" for line, mb in where.top()))
             return
         base = run(1, "a")
         total = run(1 + args.repeat, "b")

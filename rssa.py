@@ -136,6 +136,10 @@ def parse_args(argv=None):
     parser.add_argument("--invert-steps", type=int, default=4001,
                         help="inversion Adam updates (default 4001: official invert_gan.py saves its last code at step 4000 of "
                              "4002, after that step's update)")
+    parser.add_argument("--invert-batch", type=int, default=0,
+                        help="targets inverted together (default 0: all at once; the problems are independent, so a smaller "
+                             "batch gives the same codes up to float rounding with less memory: at 256 px the inversion of 10 "
+                             "targets at once is this method's memory peak)")
     parser.add_argument("--invert-lr", type=float, default=0.1, help="inversion Adam lr, halved every 1000 steps (default 0.1: official code)")
     parser.add_argument("--invert-resize", choices=["nearest", "training"], default="nearest",
                         help="nearest: the raw file stretched to the generator size, official code (default); "
@@ -173,8 +177,9 @@ def parse_args(argv=None):
     args.n_train = args.n_train or preset.n_train
     common.check_common_args(args)
     common.check_discriminator_batch(args.batch)
-    if args.feat_const_batch < 2 or args.dcc_every < 1 or args.invert_steps < 1 or args.invert_lr <= 0:
-        raise UserError("--feat-const-batch must be at least 2, --dcc-every and --invert-steps at least 1, --invert-lr positive")
+    if args.feat_const_batch < 2 or args.dcc_every < 1 or args.invert_steps < 1 or args.invert_lr <= 0 or args.invert_batch < 0:
+        raise UserError("--feat-const-batch must be at least 2, --dcc-every and --invert-steps at least 1, --invert-lr positive, "
+                        "--invert-batch at least 0")
     if args.subspace_freq < 1 or not 1 <= args.highp <= 4:
         raise UserError("--subspace-freq must be >= 1 and --highp in 1..4")
     return common.finish_args(args)
@@ -424,7 +429,11 @@ def target_codes(args, g, dataset, run, device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed)
         lpips_fn = common.load_lpips("vgg", device, random_backbone=args.lpips_random_backbone)
-        codes, history = common.invert_wplus(g, images, lpips_fn, args.invert_steps, args.invert_lr)  # the official inversion
+        w_avg = common.mean_w(g)  # [D], drawn once for every chunk
+        chunk = args.invert_batch or len(images)
+        parts = [common.invert_wplus(g, images[k:k + chunk], lpips_fn, args.invert_steps, args.invert_lr, w_avg)  # the official inversion
+                 for k in range(0, len(images), chunk)]
+        codes, history = torch.cat([c for c, _ in parts]), torch.cat([h for _, h in parts], 1)  # [N, L, D], [steps, N]
     with torch.no_grad():
         recon, _ = g([codes], input_is_latent=True, randomize_noise=False)  # [N, 3, S, S]
     common.save_comparison_grid(os.path.join(run.root, "target_codes.png"), images.cpu(), recon.cpu())

@@ -69,6 +69,46 @@ def setup(tmp_path_factory, request):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The demo-claim test (tests/test_demo.py) trains two 400-iteration demo runs, about two minutes on one thread
+# each. They start in background processes as soon as the tests are collected, and the test itself runs last,
+# so the rest of the suite runs meanwhile instead of after them.
+DEMO_CLAIM_TEST = "test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity"
+DEMO_CLAIM_ITERS = 400
+DEMO_CLAIM_RUNS = {"cdc": [], "finetune": ["--no-dist", "--adv", "image"]}  # TGAN fine-tuning is cdc.py with these flags
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import subprocess
+    import tempfile
+
+    claim = [item for item in items if item.name == DEMO_CLAIM_TEST]
+    if not claim:
+        return
+    items.remove(claim[0])
+    items.append(claim[0])
+    folder = tempfile.mkdtemp(prefix="demo-claim-")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    processes = {}
+    for name, flags in DEMO_CLAIM_RUNS.items():
+        with open(os.path.join(folder, f"{name}.log"), "w") as log:  # a file, not a pipe: the progress bar would fill a pipe
+            processes[name] = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "cdc.py"), *flags, "--iter", str(DEMO_CLAIM_ITERS), "--save-every", "100",
+                 "--sample-every", "100000", "--device", "cpu", "--out", os.path.join(folder, name)],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    config.demo_claim_runs = (folder, processes)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    folder, processes = getattr(config, "demo_claim_runs", (None, {}))
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 def standard_bad_inputs(tmp_path, source, target):
     """(argv, expected message) for the bad inputs every method must refuse with one line: missing, empty and

@@ -104,9 +104,10 @@ def test_shipped_source_checkpoint_generates_toy_faces(toynet):
 # the papers' central claim, on the demo
 
 
-def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(tmp_path, toynet):
+def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(request, toynet):
     """400 demo iterations of CDC and of plain fine-tuning (TGAN: `--no-dist --adv image`) from the shipped
-    source, the two runs side by side with one thread each. Both move G into the sketch domain; at equal
+    source, the two runs side by side with one thread each (started by conftest.py when the tests are
+    collected; this test runs last and waits for them). Both move G into the sketch domain; at equal
     iterations CDC's samples stay more diverse around the ten targets. The trained `g` is scored, not `g_ema`:
     the EMA's half-life of 312 iterations would hide most of 400 iterations. A GAN's G oscillates from one
     iteration to the next, so each number is the median over the checkpoints at 200, 300 and 400 iterations:
@@ -115,24 +116,12 @@ def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(t
     iterations gave FD 199.8 -> 73-101 (CDC) and 42-80 (fine-tuning), p(sketch) 0.43-0.90, IC-div ratio
     1.18-1.45; on an AMD EPYC, fine-tuning scored p(sketch) 0.97 / 0.96 / 0.23 at 200 / 300 / 400 iterations
     (medians: CDC FD 102, p 0.50; fine-tuning FD 33, p 0.96; IC-div ratio 1.39)."""
-    import subprocess
-    import sys
-
     from demo.testbed import draw, reference, score
 
-    iters = "400"
-    runs = {"cdc": [], "finetune": ["--no-dist", "--adv", "image"]}
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    processes = {}
-    for name, flags in runs.items():
-        with open(tmp_path / f"{name}.log", "w") as log:  # a file, not a pipe: the progress bar would fill a pipe
-            processes[name] = subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "cdc.py"), *flags, "--iter", iters, "--save-every", "100",
-                 "--sample-every", "100000", "--device", "cpu", "--out", str(tmp_path / name)],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    folder, processes = request.config.demo_claim_runs
     for name, process in processes.items():
         process.wait()
-        stderr = (tmp_path / f"{name}.log").read_text()
+        stderr = open(os.path.join(folder, f"{name}.log")).read()
         assert process.returncode == 0, stderr[-2000:]
         assert "demo: no --source/--target given" in stderr
 
@@ -141,10 +130,10 @@ def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(t
     z, target_feats, train_feats, source_images, source_geometry = reference(toynet, source, "sketch", 300)
     before = score(toynet, source_images, source_geometry, target_feats, train_feats, style)
     after = {}
-    for name in runs:
+    for name in processes:
         scores = []
         for i in (200, 300, 400):
-            g = load_checkpoint(str(tmp_path / name / "checkpoints" / f"{i:06d}.pt"), require=("g",))[0]["g"]
+            g = load_checkpoint(os.path.join(folder, name, "checkpoints", f"{i:06d}.pt"), require=("g",))[0]["g"]
             scores.append(score(toynet, draw(g, z), source_geometry, target_feats, train_feats, style))
         after[name] = {key: float(np.median([s[key] for s in scores])) for key in scores[0]}
     for name, values in after.items():

@@ -57,3 +57,17 @@ def test_per_term_backward_gives_the_summed_gradients(name, setup, monkeypatch):
         assert len(a_step) == len(b_step)
         for a, b in zip(a_step, b_step):
             assert (a - b).norm() <= 1e-6 * b.norm() + 1e-12, (name, (a - b).norm() / b.norm())
+
+
+def test_rssa_inversion_in_chunks_gives_the_same_codes(setup, monkeypatch):
+    """--invert-batch: the targets' independent inversions in chunks (less memory) give the all-at-once codes."""
+    root, source, target = setup
+    monkeypatch.setattr(common, "load_lpips", lambda *args, **kwargs: lambda a, b: (a - b).abs().mean((1, 2, 3), keepdim=True))
+    codes = []
+    for batch in ("0", "2"):
+        out = root / f"invert-batch-{batch}"
+        rssa.main(["--source", source, "--target", target, "--out", str(out), "--batch", "2", "--iter", "1", "--invert-steps", "3",
+                   "--invert-batch", batch, "--n-sample", "2", "--sample-every", "100", "--save-every", "100", "--device", "cpu"])
+        codes.append(torch.load(out / "target_codes.pt", weights_only=True)["codes"])
+    assert codes[0].shape == codes[1].shape and len(codes[0]) == 5  # 5 targets: chunks of 2, 2, 1
+    assert torch.allclose(codes[0], codes[1], rtol=1e-4, atol=1e-6)
