@@ -71,7 +71,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The demo-claim test (tests/test_demo.py) trains two 400-iteration demo runs, about two minutes on one thread
 # each. They start in background processes as soon as the tests are collected, and the test itself runs last,
-# so the rest of the suite runs meanwhile instead of after them.
+# so the rest of the suite runs meanwhile (on one thread) instead of after them.
 DEMO_CLAIM_TEST = "test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity"
 DEMO_CLAIM_ITERS = 400
 DEMO_CLAIM_RUNS = {"cdc": [], "finetune": ["--no-dist", "--adv", "image"]}  # TGAN fine-tuning is cdc.py with these flags
@@ -96,6 +96,7 @@ def pytest_collection_modifyitems(session, config, items):
                  "--sample-every", "100000", "--device", "cpu", "--out", os.path.join(folder, name)],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     config.demo_claim_runs = (folder, processes)
+    torch.set_num_threads(1)  # the two runs hold a core each: more threads here would only spin against them
 
 
 def pytest_unconfigure(config):
