@@ -59,7 +59,7 @@ class PeakWhere(threading.Thread):
         while self.running:
             used = current_memory_bytes(self.device)
             frame = sys._current_frames().get(self.main_id)
-            while frame is not None and os.path.abspath(frame.f_code.co_filename) != self.script:
+            while frame is not None and frame.f_code.co_filename != self.script:
                 frame = frame.f_back
             if frame is not None:
                 line = linecache.getline(self.script, frame.f_lineno).strip()

@@ -493,7 +493,7 @@ def main(argv=None):
                 raise UserError(f"{name}: the text tower of {path} ({text_tower.token_embedding.num_embeddings} tokens, {embed_dim}-d) does "
                                 f"not fit the BPE vocabulary ({n_vocab} tokens) or the image tower ({tower.proj.shape[1]}-d)")
             templates, bare = ((args.prompt_template,),) * 2 if args.prompt_template else (NADA_TEMPLATES, ("{}",))
-            # d_m = normalize(mean_k t_k - mean_k s_k) over NADA's templates
+            # d_m = normalize(mean_k t_k - mean_k s_k) over the templates k (NADA's, or --prompt-template)
             text_directions.append(text_direction(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, templates),
                                                   prompt_embeddings(text_tower, args.source_text, args.clip_vocab, templates)))
             if select:  # t_m = the unit embedding of the raw text, [D]

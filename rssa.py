@@ -137,7 +137,8 @@ def parse_args(argv=None):
                         help="inversion Adam updates (default 4001: official invert_gan.py saves its last code at step 4000 of "
                              "4002, after that step's update)")
     parser.add_argument("--invert-batch", type=int, default=0,
-                        help="targets inverted together (default 0: all at once; the problems are independent, so a smaller "
+                        help="targets inverted together (default 0: all at once, our choice; the official code inverts one "
+                             "image per run. The problems are independent, so a smaller "
                              "batch gives the same codes up to float rounding with less memory: at 256 px the inversion of 10 "
                              "targets at once is this method's memory peak)")
     parser.add_argument("--invert-lr", type=float, default=0.1, help="inversion Adam lr, halved every 1000 steps (default 0.1: official code)")

@@ -25,9 +25,15 @@ RUNS = {
 
 
 def gradients_of_every_step(monkeypatch, module, argv, summed):
-    """The .grad of every parameter at each optimiser step of a run, in step order."""
-    steps = []
+    """The .grad of every parameter at each optimiser step of a run, in step order, and how many loss terms
+    with a gradient went through common.LossTerms."""
+    steps, terms = [], []
     adam_step = torch.optim.Adam.step
+    add_term = common.LossTerms.add
+
+    def counting_add(self, loss):
+        terms.append(loss.requires_grad)
+        return add_term(self, loss)
 
     def recording_step(optimizer, *args, **kwargs):
         steps.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
@@ -36,9 +42,10 @@ def gradients_of_every_step(monkeypatch, module, argv, summed):
     with monkeypatch.context() as patch:
         patch.setattr(torch.optim.Adam, "step", recording_step)
         patch.setattr(common.LossTerms, "summed", summed)
+        patch.setattr(common.LossTerms, "add", counting_add)
         torch.manual_seed(0)
         module.main(argv)
-    return steps
+    return steps, sum(terms)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -47,11 +54,12 @@ def test_per_term_backward_gives_the_summed_gradients(name, setup, monkeypatch):
     module, extra = RUNS[name]
     # RSSA's target inversion only needs some image distance here (the G step is under test): no VGG to build
     monkeypatch.setattr(common, "load_lpips", lambda *args, **kwargs: lambda a, b: (a - b).abs().mean((1, 2, 3), keepdim=True))
-    per_term, summed = (
+    (per_term, n_terms), (summed, _) = (
         gradients_of_every_step(monkeypatch, module, [
             "--source", source, "--target", target, "--out", str(root / f"{name}-{form}"), "--batch", "2", "--iter", "2",
             "--n-sample", "2", "--sample-every", "100", "--save-every", "100", "--device", "cpu", *extra], form == "summed")
         for form in ("per_term", "summed"))
+    assert n_terms >= 4  # L_G and at least one more term in each of the two G steps: the two forms really differ
     assert len(per_term) == len(summed) >= 6  # D (and its patch head), R1, G, path length; D, G
     for a_step, b_step in zip(per_term, summed):
         assert len(a_step) == len(b_step)
@@ -63,11 +71,15 @@ def test_rssa_inversion_in_chunks_gives_the_same_codes(setup, monkeypatch):
     """--invert-batch: the targets' independent inversions in chunks (less memory) give the all-at-once codes."""
     root, source, target = setup
     monkeypatch.setattr(common, "load_lpips", lambda *args, **kwargs: lambda a, b: (a - b).abs().mean((1, 2, 3), keepdim=True))
+    calls = []
+    invert_wplus = common.invert_wplus
+    monkeypatch.setattr(common, "invert_wplus", lambda g, images, *args: calls.append(len(images)) or invert_wplus(g, images, *args))
     codes = []
     for batch in ("0", "2"):
         out = root / f"invert-batch-{batch}"
         rssa.main(["--source", source, "--target", target, "--out", str(out), "--batch", "2", "--iter", "1", "--invert-steps", "3",
                    "--invert-batch", batch, "--n-sample", "2", "--sample-every", "100", "--save-every", "100", "--device", "cpu"])
         codes.append(torch.load(out / "target_codes.pt", weights_only=True)["codes"])
-    assert codes[0].shape == codes[1].shape and len(codes[0]) == 5  # 5 targets: chunks of 2, 2, 1
+    assert calls == [5, 2, 2, 1]  # all five targets at once, then chunks of 2, 2, 1
+    assert codes[0].shape == codes[1].shape and len(codes[0]) == 5
     assert torch.allclose(codes[0], codes[1], rtol=1e-4, atol=1e-6)
