@@ -454,6 +454,9 @@ def add_common_args(parser, origin="official code", **defaults):
                         help="continue a run from a checkpoint path, or with no value from the latest checkpoint of --out (or of the "
                              "default run folder); the run keeps its settings and its run folder (with --out DIR: continued in DIR, "
                              "the original left untouched); --iter, --device, --sample-every and --save-every may change")
+    parser.add_argument("--demo", action="store_true",
+                        help="the demo's settings (toy-face source, the demo's toy networks and schedule) also with --target or --source "
+                             "given, e.g. another toy target set (demo/testbed.py); without --source and --target the demo is the default")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an --out folder that holds an earlier run (its log, samples and checkpoints are deleted first)")
     return parser
@@ -479,9 +482,10 @@ def explicit_options(parser, argv):
 
 
 def parse_args_or_demo(parser, argv, method, target=DEMO_TARGET, path_options=(), run_name=None, **demo_defaults):
-    """parser.parse_args, except that with neither --source nor --target the run is the built-in demo: the
-    shipped toy-face source, `target`, and `demo_defaults` (iterations, cadence, ...) in place of the
-    method's defaults; options given on the command line still win. args.demo says which it was.
+    """parser.parse_args, except that with neither --source nor --target (or with --demo) the run is the
+    built-in demo: the shipped toy-face source, `target`, and `demo_defaults` (iterations, cadence, toy
+    networks, ...) in place of the method's defaults; options given on the command line (a --target of
+    --demo included) still win. args.demo says which it was.
 
     With --resume the run continues with the settings it was started with (read from the checkpoint), so
     `python <method>.py --resume PATH` works from any folder; see `resume_args`. Paths (--source, --target and
@@ -492,7 +496,8 @@ def parse_args_or_demo(parser, argv, method, target=DEMO_TARGET, path_options=()
     args.run_name = run_name(args) if run_name else method
     if args.resume is not None:
         return resume_args(parser, argv, args, method)
-    args.demo = args.source is None and args.target is None
+    demo_why = "--demo" if args.demo else "no --source/--target given"
+    args.demo = args.demo or (args.source is None and args.target is None)
     if args.demo:
         if not os.path.exists(DEMO_SOURCE):
             raise UserError(f"the demo's source checkpoint {DEMO_SOURCE} is missing; rebuild it with: python -m demo.pretrain_source")
@@ -506,6 +511,7 @@ def parse_args_or_demo(parser, argv, method, target=DEMO_TARGET, path_options=()
     _absolute_paths(args, ("source", "target", *path_options))
     # the options as parsed, before a method derives anything from them: what a resumed run starts from
     args.run_args = dict(args_to_dict(args), path_options=",".join(path_options))
+    args.demo_why = demo_why  # for finish_args' banner
     return args
 
 
@@ -612,7 +618,7 @@ def finish_args(args):
             clear_run(args.out)
     args.run_args["out"] = args.out
     if args.demo and args.resume is None:
-        print(f"demo: no --source/--target given, so adapting the shipped toy-face StyleGAN2 ({os.path.relpath(DEMO_SOURCE)}, 32 px) "
+        print(f"demo: {args.demo_why}, so adapting {os.path.relpath(args.source)} with the demo's settings "
               f"to {os.path.relpath(args.target)} for {args.iter} iterations into {args.out} (README, 'Demo')", file=sys.stderr)
     return args
 

@@ -1,31 +1,51 @@
-"""CPU testbed: every method, and plain fine-tuning as the baseline, on the demo, scored against ground truth.
+"""CPU testbed: every method and baseline on the demo, scored against ground truth; and the papers' claims.
 
     python -m demo.testbed                       # all methods on the sketch target; table + figure in demo/results
-    python -m demo.testbed --methods cdc finetune --iter 100 --style sunglasses
+    python -m demo.testbed --methods cdc finetune --iter 100 --styles sunglasses
+    python -m demo.testbed --schedule paper --jobs 2 --round-trip   # the claims sweep (demo/results/claims.md)
 
-Each method runs as its own script in demo mode (the shipped toy-face source, ten targets, fixed seeds),
-in a subprocess, into <work-dir>/<method>. Then its final g_ema and the source g_ema draw the same latents
-with the same noise, and the toy network (demo/toynet.py) scores them:
+Each run is a method's own script in demo mode (`--demo`: the shipped toy-face source, the demo's toy
+networks and settings) in a subprocess, into <work-dir>/<run>. Then its final g_ema and the source g_ema
+draw the same latents with the same noise, and the toy network (demo/toynet.py) scores them:
 
     FD        Frechet distance to 1000 renders of the full target distribution (lower: closer to the domain)
-    IC-div    intra-cluster diversity around the ten training images (higher: less memorisation / collapse)
+    IC-div    intra-cluster diversity around the run's training images (higher: less memorisation / collapse)
     geom err  mean change of the face's geometry (positions, size, pose, gaze, mouth) from G_s(z) to G_t(z), in
               units of its spread over faces (lower: better correspondence; 0 same geometry, 1.13 unrelated faces)
     p(target) mean probability the toy network gives the target style (higher: further into the domain)
     s/iter    wall time of the whole run (set-up such as RSSA's inversion included) per iteration, this machine
 
-Rows "source" (no adaptation) and "target renders" (another 1000 renders: the floor of FD, the diversity of
-the real distribution) frame the numbers. Writes <out>/results.md, <out>/comparison.png (rows: source,
-then each method, the same ten latents in every row) and <out>/samples_<method>.png (each run's last sample
-grid: source left, adapted right).
+With --round-trip, CDC, RSSA and progressive ASC also run the reconstruction round trip of the progressive
+ASC paper (Table 2): adapt with 5 shots, then adapt that generator back to the source style from 5 source
+renders with the same method; the source and the round-trip generator draw the same latents and
+    RT MSE    mean squared pixel difference (images in [-1, 1]; lower: better reconstruction)
+    RT cos    mean cosine similarity of their toy-network embeddings (higher: better)
+    RT geom   their geometry error (lower: better)
+(the paper's LPIPS needs VGG weights this machine lacks; the toy network's embedding stands in for it).
+
+--schedule demo runs each method for its demo schedule (1500 iterations; DiFa and NADA 301); --schedule paper
+for its official count (PAPER_ITERS). --seeds, --shots and --styles span a grid: the k training images of a
+run are drawn from the style's ten demo targets (demo/targets/<style>), fixed per seed (all ten at 10 shots;
+DiFa and NADA always take the first, they are one-shot). A run whose folder already holds a finished run
+(testbed.json) is scored, not trained again; an interrupted one continues from its last checkpoint, so a long
+sweep can be stopped and started again. --jobs N trains N runs at a time, one thread each.
+
+Rows "source (no adaptation)" and "target renders" (another 1000 renders: the floor of FD, the diversity of
+the real distribution) frame the numbers; over several seeds a cell is mean ± std. Writes to --out:
+results.md, comparison.png (rows: source, then each method, the same ten latents in every row; one per style:
+comparison_<style>.png for styles other than sketch), samples_<method>.png (each run's last sample grid: source
+left, adapted right), icdiv_vs_shots.png with several --shots, and claims-demo.md; with --schedule paper the
+same names with "-paper" (results-paper.md, ...) and claims.md.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -60,49 +80,138 @@ METHODS = {
     "ewc": ("baselines.py", ["--baseline", "ewc"]),
     "bsa": ("baselines.py", ["--baseline", "bsa"]),
     "minegan": ("baselines.py", ["--baseline", "minegan"]),
+    # CDC's ablations (paper Fig. 5): only the image-level D, only the patch-level D, no L_dist (both Ds)
+    "cdc_image": ("cdc.py", ["--adv", "image"]),
+    "cdc_patch": ("cdc.py", ["--adv", "patch"]),
+    "cdc_nodist": ("cdc.py", ["--no-dist"]),
 }
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith("cdc_")]
 ONE_SHOT = ("difa", "nada")  # trained on the first training image only
+ZERO_SHOT = ("difa_text", "nada_text")
 # the text target of the zero-shot rows, per style: the toy CLIP's own caption of that style (demo/toyclip.py)
 TEXT_TARGETS = {"sketch": "a pencil sketch of a face", "sunglasses": "a photo of a face with sunglasses"}
+# --schedule paper: each script's own default iterations (its module docstring says where each comes from):
+# CDC's and progressive ASC's official 5002 (C3 and the baselines share CDC's loop and schedule), RSSA's face
+# preset, DiFa's and NADA's 301, BSA's 10000
+PAPER_ITERS = {**{m: 5002 for m in METHODS}, "rssa": 2001, "bsa": 10000, **{m: 301 for m in ONE_SHOT + ZERO_SHOT}}
+ROUND_TRIP = ("cdc", "rssa", "progressive_asc")  # the progressive ASC paper's Table 2 compares these
+ROUND_TRIP_SHOTS = 5
 RESULTS_DIR = os.path.join(ROOT, "demo", "results")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="run every method on the demo and score it with the toy network")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="which runs (default: all)")
-    p.add_argument("--style", choices=toyfaces.TARGET_STYLES, default="sketch", help="target domain (default sketch)")
-    p.add_argument("--iter", type=int, default=None, help="iterations of every run (default: each method's demo default)")
-    p.add_argument("--seed", type=int, default=1, help="seed of every run")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                   help="which runs, trained in this order (default: all but CDC's ablations cdc_image, cdc_patch, cdc_nodist)")
+    p.add_argument("--styles", nargs="+", choices=toyfaces.TARGET_STYLES, default=["sketch"], help="target domains (default sketch)")
+    p.add_argument("--shots", nargs="+", type=int, default=[10], help="training images per run, 1-10 (default 10)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1], help="seed of each repeat: the run's --seed and its draw of training images")
+    p.add_argument("--schedule", choices=["demo", "paper"], default="demo",
+                   help="iterations: each method's demo default, or its official count (PAPER_ITERS)")
+    p.add_argument("--iter", type=int, default=None, help="iterations of every run, in place of --schedule's")
+    p.add_argument("--round-trip", action="store_true",
+                   help=f"also the round trip (source -> target -> source, {ROUND_TRIP_SHOTS} shots each way) of {', '.join(ROUND_TRIP)} among --methods")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, one thread each when more than one (default 1)")
     p.add_argument("--n-eval", type=int, default=1000, help="generated images and target renders per metric")
     p.add_argument("--work-dir", default=os.path.join("runs", "testbed"), help="run folders")
-    p.add_argument("--out", default=RESULTS_DIR, help="results.md and comparison.png")
+    p.add_argument("--out", default=RESULTS_DIR, help="tables and figures")
     p.add_argument("--extra", action="append", default=[], metavar="METHOD=ARGS",
                    help="extra arguments for one method, e.g. rssa=--lpips-random-backbone (repeatable)")
-    p.add_argument("--reuse", action="store_true", help="score existing run folders instead of training again")
+    p.add_argument("--reuse", action="store_true", help="only score: train nothing, report runs that are not finished")
     p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not all(1 <= k <= len(toyfaces.TARGET_SEEDS) for k in args.shots):
+        raise common.UserError(f"--shots must be between 1 and {len(toyfaces.TARGET_SEEDS)}, got {args.shots}")
+    if args.jobs < 1:
+        raise common.UserError(f"--jobs must be at least 1, got {args.jobs}")
+    return args
 
 
-def run_method(name, args, out):
-    """Train one method in demo mode in a subprocess; returns (seconds, iterations, error line or None)."""
-    script, extra = METHODS[name]
-    target = os.path.join(common.DEMO_DIR, "targets", args.style)
-    command = [sys.executable, os.path.join(ROOT, script), *extra, "--out", out, "--overwrite", "--seed", str(args.seed),
-               "--device", args.device]  # the testbed owns its run folders: a new testbed run replaces them
-    if name.endswith("_text"):
-        command += ["--target-text", TEXT_TARGETS[args.style]]
-        if args.style != "sketch":
-            command += ["--source", common.DEMO_SOURCE]
-    elif args.style != "sketch":  # the demo's default target is the sketch set; another style needs both paths
-        command += ["--source", common.DEMO_SOURCE, "--target", os.path.join(target, "00.png") if name in ONE_SHOT else target]
-    if args.iter is not None:
-        command += ["--iter", str(args.iter), "--save-every", str(args.iter)]
-    for item in args.extra:
-        method, _, more = item.partition("=")
-        if method == name:
-            command += more.split()
+class Run:
+    """One training run of the grid: method, style, shots, seed; `back` for the return leg of a round trip."""
+
+    def __init__(self, name, style, shots, seed, back=False):
+        self.name, self.style, self.seed, self.back = name, style, seed, back
+        self.shots = 1 if name in ONE_SHOT else 0 if name in ZERO_SHOT else shots
+
+    def folder(self, args):
+        """<work-dir>/<name>-<style>[-<k>shot][-seed<s>][-paper|-<n>it][-back]: the default grid keeps the plain names."""
+        name = f"{self.name}-{self.style}"
+        if self.name not in ONE_SHOT + ZERO_SHOT and self.shots != len(toyfaces.TARGET_SEEDS):
+            name += f"-{self.shots}shot"
+        if self.seed != 1:
+            name += f"-seed{self.seed}"
+        if args.iter is not None:
+            name += f"-{args.iter}it"
+        elif args.schedule == "paper":
+            name += "-paper"
+        return os.path.join(args.work_dir, name + ("-back" if self.back else ""))
+
+    def iters(self, args):
+        return args.iter if args.iter is not None else PAPER_ITERS[self.name] if args.schedule == "paper" else None
+
+
+def training_images(style, shots, seed):
+    """The k training images of a run: file paths among demo/targets/<style> (all ten at 10 shots; drawn
+    without replacement by the seed otherwise, so every method of a seed trains on the same images)."""
+    folder = os.path.join(common.DEMO_DIR, "targets", style)
+    names = sorted(common.list_images(folder))
+    if shots == len(names):
+        return names
+    chosen = np.random.default_rng(seed).choice(len(names), shots, replace=False)
+    return [names[k] for k in sorted(chosen)]
+
+
+def target_argument(run, args):
+    """--target of a run: a folder (the demo's own, or a work-dir folder holding the drawn k images), or one
+    image for the one-shot methods; for a round trip's return leg, ROUND_TRIP_SHOTS source-style renders."""
+    if run.back:
+        folder = os.path.join(args.work_dir, "targets", f"source-{ROUND_TRIP_SHOTS}shot-seed{run.seed}")
+        seeds = toyfaces.TARGET_SEEDS[:ROUND_TRIP_SHOTS]
+        images = [toyfaces.render_seed(s, "source", args.size) for s in seeds]  # the source's faces of the target seeds
+        os.makedirs(folder, exist_ok=True)
+        for k, image in enumerate(images):
+            cv2.imwrite(os.path.join(folder, f"{k:02d}.png"), image[..., ::-1])
+        return folder
+    if run.name in ONE_SHOT:
+        return os.path.join(common.DEMO_DIR, "targets", run.style, "00.png")
+    images = training_images(run.style, run.shots, run.seed)
+    if len(images) == len(toyfaces.TARGET_SEEDS):
+        return os.path.dirname(images[0])
+    folder = os.path.join(args.work_dir, "targets", f"{run.style}-{run.shots}shot-seed{run.seed}")
+    os.makedirs(folder, exist_ok=True)
+    for path in images:
+        shutil.copy(path, folder)
+    return folder
+
+
+def run_method(run, args, source=None):
+    """Train one run in demo mode in a subprocess (continuing it from its last checkpoint if it was stopped);
+    returns (seconds, iterations, error line or None). `source`: the checkpoint to adapt (the demo's by default)."""
+    script, extra = METHODS[run.name]
+    out = run.folder(args)
+    command = [sys.executable, os.path.join(ROOT, script), "--demo", "--out", out, "--device", args.device]
+    started_before = os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints"))
+    if started_before:
+        command += ["--resume"]  # the run keeps its settings; the testbed gives only the schedule again
+    else:
+        command += ["--overwrite", "--seed", str(run.seed), *extra]  # the testbed owns its run folders
+        if run.name in ZERO_SHOT:
+            command += ["--target-text", TEXT_TARGETS[run.style]]
+        else:
+            command += ["--target", target_argument(run, args)]
+        if source is not None:
+            command += ["--source", source]
+        for item in args.extra:
+            method, _, more = item.partition("=")
+            if method == run.name:
+                command += more.split()
+    iters = run.iters(args)
+    if iters is not None:
+        command += ["--iter", str(iters), "--save-every", str(min(iters, 500))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if args.jobs > 1 else None
     started = time.time()
-    result = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
     seconds = time.time() - started
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     if result.returncode != 0:
@@ -111,10 +220,123 @@ def run_method(name, args, out):
     return seconds, int(state["iter"]), None
 
 
+def finished(run, args):
+    """(seconds, iterations) of a finished run folder, else None."""
+    timing = os.path.join(run.folder(args), "testbed.json")
+    if not os.path.exists(timing):
+        return None
+    with open(timing) as f:
+        return tuple(json.load(f))
+
+
+def train(run, args, source=None):
+    """Train `run` unless its folder holds a finished run; returns an error line or None."""
+    if finished(run, args) is not None:
+        return None
+    if args.reuse:
+        return "not run yet"
+    print(f"testbed: {os.path.basename(run.folder(args))} ...", file=sys.stderr, flush=True)
+    seconds, iters, error = run_method(run, args, source)
+    if error is None:
+        with open(os.path.join(run.folder(args), "testbed.json"), "w") as f:
+            json.dump([seconds, iters], f)
+    print(f"testbed: {os.path.basename(run.folder(args))}: " + (error or f"{iters} iterations, {seconds:.0f} s"), file=sys.stderr, flush=True)
+    return error
+
+
+# The papers' claims the testbed tests: (paper, claim, the paper's own evidence, the test: a function of
+# value(shots, name, column) -> (verdict, numbers); value gives the mean over seeds or None when not run).
+# The papers' numbers are from their tables as we read them; the verdicts only use the testbed's.
+def _compare(value, shots, column, name, others, lower_is_better):
+    """Whether `name` beats every run of `others` on a column; the numbers used."""
+    mine = value(shots, name, column)
+    theirs = {o: value(shots, o, column) for o in others}
+    missing = [o for o, v in {name: mine, **theirs}.items() if v is None]
+    if missing:
+        return None, "not run: " + ", ".join(f"{m} ({shots} shots)" for m in missing)
+    beaten = [o for o, v in theirs.items() if (v <= mine if lower_is_better else v >= mine)]
+    numbers = f"{column} {name} {mine:.3g}; " + ", ".join(f"{o} {v:.3g}" for o, v in theirs.items())
+    return not beaten, numbers + (f" (not better than {', '.join(beaten)})" if beaten else "")
+
+
+def _all(*parts):
+    verdicts = [v for v, _ in parts]
+    verdict = None if None in verdicts else all(verdicts)
+    return verdict, "; ".join(n for _, n in parts)
+
+
+def _grows_with_shots(value, name, shots):
+    ys = [value(k, name, "IC-div") for k in shots]
+    if None in ys:
+        return None, f"not run: {name} at " + ", ".join(f"{k}" for k, y in zip(shots, ys) if y is None) + " shots"
+    return all(b > a for a, b in zip(ys, ys[1:])), f"{name} IC-div " + " -> ".join(f"{y:.3g}" for y in ys)
+
+
+BASELINES_CDC = ("tgan", "ada", "freezed", "ewc")
+CLAIMS = [
+    ("CDC", "lower FD than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots",
+     "Table 1: FID on Babies, Sunglasses and Sketches; CDC the lowest of the transfer baselines",
+     lambda value: _compare(value, 10, "FD", "cdc", BASELINES_CDC, True)),
+    ("CDC", "higher diversity than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots",
+     "Table 2: intra-cluster LPIPS, CDC the highest on every domain",
+     lambda value: _compare(value, 10, "IC-div", "cdc", BASELINES_CDC, False)),
+    ("CDC", "diversity grows with 1 -> 5 -> 10 shots while FreezeD and EWC stay below it",
+     "Fig. 9 / 13: samples at 1, 5 and 10 shots",
+     lambda value: _all(_grows_with_shots(value, "cdc", (1, 5, 10)),
+                        *[_compare(value, k, "IC-div", "cdc", ("freezed", "ewc"), False) for k in (1, 5)])),
+    ("CDC", "each component adds diversity: the full method above image-level D only, patch-level D only and no L_dist",
+     "Fig. 5: ablation samples (qualitative)",
+     lambda value: _compare(value, 10, "IC-div", "cdc", ("cdc_image", "cdc_patch", "cdc_nodist"), False)),
+    ("C3", "lower FD than CDC at 10 shots", "Table 1: FID, C3 below CDC",
+     lambda value: _compare(value, 10, "FD", "c3", ("cdc",), True)),
+    ("RSSA", "better structure preservation than CDC, at some cost of diversity",
+     "Table 1 / Fig. 4: SCS above CDC's, intra-LPIPS at or below CDC's",
+     lambda value: _all(_compare(value, 10, "geom err", "rssa", ("cdc",), True),
+                        _compare(value, 10, "IC-div", "cdc", ("rssa",), False))),
+    ("Progressive ASC", "better identity (geom err) than CDC and RSSA at 5 shots",
+     "Table 1: identity similarity above CDC's and RSSA's",
+     lambda value: _compare(value, 5, "geom err", "progressive_asc", ("cdc", "rssa"), True)),
+    ("Progressive ASC", "better round-trip reconstruction than CDC and RSSA (5 shots each way)",
+     "Table 2: LPIPS / MSE of source -> target -> source, lowest for the progressive method",
+     lambda value: _all(_compare(value, 5, "RT MSE", "progressive_asc", ("cdc", "rssa"), True),
+                        _compare(value, 5, "RT cos", "progressive_asc", ("cdc", "rssa"), False))),
+    ("DiFa", "one-shot adaptation keeps more diversity than NADA and than fine-tuning from one image",
+     "Table 1: intra-LPIPS above NADA's and the fine-tuned baselines'",
+     lambda value: _compare(value, 1, "IC-div", "difa", ("nada", "tgan"), False)),
+]
+
+
+def claims_markdown(results, args):
+    """The claims table: one row per claim, a verdict per style with the testbed's numbers (means over seeds)."""
+    lines = ["| paper | claim | the paper's evidence | " + " | ".join(f"testbed, {s}" for s in args.styles) + " |",
+             "|---|---|---|" + "---|" * len(args.styles)]
+    for paper, claim, evidence, test in CLAIMS:
+        cells = []
+        for style in args.styles:
+            def value(shots, name, column, style=style):
+                if name in ONE_SHOT + ZERO_SHOT:  # the same run at every --shots
+                    shots = next((k for (s, k, n) in results if s == style and n == name), shots)
+                per_seed = results.get((style, shots, name))
+                numbers = [v[column] for v in per_seed or [] if column in v]
+                return float(np.mean(numbers)) if numbers else None
+            verdict, numbers = test(value)
+            cells.append(("not testable here yet" if verdict is None else "**holds**" if verdict else "**does not hold**") + f": {numbers}")
+        lines.append(f"| {paper} | {claim} | {evidence} | " + " | ".join(cells) + " |")
+    schedule = f"{args.iter} iterations" if args.iter is not None else f"the {args.schedule} schedule"
+    return (f"# The papers' claims on the demo testbed\n\nToy-network scores (demo/testbed.py) at {schedule}, seeds "
+            f"{' '.join(map(str, args.seeds))} (means over seeds), {args.n_eval} latents.\n\n" + "\n".join(lines) + "\n")
+
+
 @torch.no_grad()
 def draw(g, z, batch=100):
     """g_ema samples [N, 3, H, W] for latents z with the generator's fixed noise buffers."""
     return torch.cat([g([z[i:i + batch]], randomize_noise=False)[0].clamp(-1, 1).cpu() for i in range(0, len(z), batch)])
+
+
+def load_images(paths):
+    """Image files as a float batch [N, 3, H, W] in [-1, 1]."""
+    images = np.stack([cv2.imread(p)[..., ::-1] for p in paths])  # [N, H, W, 3] RGB uint8
+    return torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def reference(net, source, style, n_eval):
@@ -142,6 +364,17 @@ def score(net, images, source_geometry, target_feats, train_feats, style_index):
     }
 
 
+def round_trip_score(net, source_images, round_trip_images):
+    """The round trip's reconstruction of the source: pixel MSE, embedding cosine similarity, geometry error."""
+    source_feats, _, source_geometry = toy_outputs(net, source_images)
+    feats, _, geometry = toy_outputs(net, round_trip_images)
+    return {
+        "RT MSE": float((source_images - round_trip_images).pow(2).mean()),
+        "RT cos": float(torch.nn.functional.cosine_similarity(source_feats, feats, dim=1).mean()),
+        "RT geom": geometry_error(source_geometry, geometry),
+    }
+
+
 def labelled_rows(rows, scale=3):
     """One PNG: a text label, then the row's images side by side, upscaled (nearest) for viewing."""
     strips = []
@@ -161,69 +394,164 @@ def last_sample_grid(run, scale=2):
     return cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
 
 
+def mean_std(values):
+    """Cells of several seeds: {column: (mean, std, n)} over the seeds' score dicts (numbers only)."""
+    merged = {}
+    for column in values[0]:
+        numbers = [v[column] for v in values if isinstance(v.get(column), (int, float))]
+        if numbers:
+            merged[column] = (float(np.mean(numbers)), float(np.std(numbers)), len(numbers))
+    return merged
+
+
+def cell(value):
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    mean, std, n = value
+    if mean != mean:
+        return ""
+    return f"{mean:.3g} ± {std:.2g}" if n > 1 else f"{mean:.3g}"
+
+
 def markdown(rows, columns):
     head = "| run | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
     body = ""
     for name, values in rows:
-        cells = []
-        for column in columns:
-            value = values.get(column)
-            if isinstance(value, (str, int)):
-                cells.append(str(value))
-            else:
-                cells.append("" if value is None or value != value else f"{value:.3g}")
-        body += f"| {name} | " + " | ".join(cells) + " |\n"
+        body += f"| {name} | " + " | ".join(cell(values.get(column)) for column in columns) + " |\n"
     return head + body
+
+
+def line_plot(series, xs, title, y_label, size=(560, 360)):
+    """A small line chart (BGR uint8) drawn with OpenCV: one coloured line per series {label: [y per x]}."""
+    width, height = size
+    left, right, top, bottom = 60, 150, 30, 40
+    image = np.full((height, width, 3), 255, np.uint8)
+    ys = [y for values in series.values() for y in values if y is not None]
+    low, high = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    low, high = low - 0.05 * (high - low + 1e-6), high + 0.05 * (high - low + 1e-6)
+
+    def point(x, y):
+        px = left + (xs.index(x) / max(len(xs) - 1, 1)) * (width - left - right)
+        return int(px), int(top + (high - y) / (high - low) * (height - top - bottom))
+
+    cv2.rectangle(image, (left, top), (width - right, height - bottom), (0, 0, 0), 1)
+    for x in xs:
+        cv2.putText(image, str(x), (point(x, low)[0] - 5, height - bottom + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    for y in np.linspace(low, high, 5):
+        cv2.putText(image, f"{y:.2f}", (8, point(xs[0], y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(image, title, (left, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(image, y_label, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140), (194, 119, 227)]
+    for k, (label, values) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        points = [point(x, y) for x, y in zip(xs, values) if y is not None]
+        for a, b in zip(points, points[1:]):
+            cv2.line(image, a, b, colour, 2, cv2.LINE_AA)
+        for p in points:
+            cv2.circle(image, p, 3, colour, -1, cv2.LINE_AA)
+        cv2.putText(image, label, (width - right + 10, top + 16 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+    return image
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
-    net = load_toynet(device=device)
-    style_index = toyfaces.STYLES.index(args.style)
     source = load_checkpoint(common.DEMO_SOURCE, require=("g_ema",), device=device)[0]["g_ema"]
-    z, target_feats, train_feats, source_images, source_geometry = reference(net, source, args.style, args.n_eval)
-    reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
-    table = [("target renders", score(net, toyfaces.render_batch(reference_seeds, args.style, source.size), None,
-                                      target_feats, train_feats, style_index)),
-             ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index))]
-    figure = [("source", source_images[:10])]
-    grids = {}
-    for name in args.methods:
-        out = os.path.join(args.work_dir, f"{name}-{args.style}")
-        timing = os.path.join(out, "testbed.json")
-        if args.reuse and os.path.exists(timing):
-            with open(timing) as f:
-                (seconds, iters), error = json.load(f), None
-        else:
-            print(f"testbed: {name} ...", file=sys.stderr, flush=True)
-            seconds, iters, error = run_method(name, args, out)
-            if error is None:
-                with open(timing, "w") as f:
-                    json.dump([seconds, iters], f)
-        if error is not None:
-            print(f"testbed: {name} did not run: {error}", file=sys.stderr)
-            table.append((name, {"FD": "did not run (see the testbed's output)"}))
-            continue
-        run = common.RunDir(out)
-        # as each method samples: RSSA behind its P, MineGAN behind its miner, BSA with its scale / shift
-        adapted = load_generator(run.latest_checkpoint(), device)
-        adapted_images = draw(adapted, z)
-        values = score(net, adapted_images, source_geometry, target_feats, train_feats, style_index)
-        values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})
-        table.append((name, values))
-        figure.append((name, adapted_images[:10]))
-        grids[name] = last_sample_grid(run)
-        print(f"testbed: {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), file=sys.stderr, flush=True)
+    args.size = source.size
+    grid = [Run(name, style, shots, seed) for seed in args.seeds for style in args.styles for shots in args.shots for name in args.methods]
+    grid = list({r.folder(args): r for r in grid}.values())  # one-shot and zero-shot runs are the same at every --shots
+    backs = [Run(r.name, r.style, ROUND_TRIP_SHOTS, r.seed, back=True) for r in grid
+             if args.round_trip and r.name in ROUND_TRIP and r.shots == ROUND_TRIP_SHOTS]
+    forwards = {r.folder(args): r for r in grid}
+    for r in backs:  # a round trip's first leg is a 5-shot run, trained even when 5 is not among --shots
+        forwards.setdefault(Run(r.name, r.style, ROUND_TRIP_SHOTS, r.seed).folder(args), Run(r.name, r.style, ROUND_TRIP_SHOTS, r.seed))
+
+    errors = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {folder: pool.submit(train, run, args) for folder, run in forwards.items()}
+
+        def train_back(run):
+            first = Run(run.name, run.style, ROUND_TRIP_SHOTS, run.seed)
+            if futures[first.folder(args)].result() is not None:
+                return "its first leg did not run"
+            return train(run, args, source=common.RunDir(first.folder(args)).latest_checkpoint())
+
+        futures.update({r.folder(args): pool.submit(train_back, r) for r in backs})
+        for folder, future in futures.items():
+            errors[folder] = future.result()
+
+    net = load_toynet(device=device)
+    results = {}  # (style, shots, name) -> [score dict per seed]
     os.makedirs(args.out, exist_ok=True)
-    text = markdown(table, ["FD", "IC-div", "geom err", "p(target)", "iters", "s/iter"])
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
+    tag = "-paper" if args.schedule == "paper" and args.iter is None else ""
     png = [cv2.IMWRITE_PNG_COMPRESSION, 9]
-    cv2.imwrite(os.path.join(args.out, "comparison.png"), labelled_rows(figure)[..., ::-1], png)
-    for name, grid in grids.items():
-        cv2.imwrite(os.path.join(args.out, f"samples_{name}.png"), grid, png)
-    print(text)
+    text = f"Testbed, schedule {args.schedule if args.iter is None else f'{args.iter} iterations'}, seeds {args.seeds}, {args.n_eval} latents.\n"
+    for style in args.styles:
+        style_index = toyfaces.STYLES.index(style)
+        z, target_feats, train_feats, source_images, source_geometry = reference(net, source, style, args.n_eval)
+        reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
+        frame = [("target renders", score(net, toyfaces.render_batch(reference_seeds, style, source.size), None, target_feats, train_feats, style_index)),
+                 ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index))]
+        figure = [("source", source_images[:10])]
+        for shots in sorted(set(args.shots) | ({ROUND_TRIP_SHOTS} if backs else set()), reverse=True):
+            rows = [(name, {k: (v, 0.0, 1) for k, v in values.items()}) for name, values in frame]
+            for name in args.methods:
+                per_seed, error = [], None
+                for seed in args.seeds:
+                    run = Run(name, style, shots, seed)
+                    if run.folder(args) not in forwards or (name in ONE_SHOT + ZERO_SHOT and shots not in args.shots):
+                        continue
+                    error = errors.get(run.folder(args)) or (None if finished(run, args) else "not run yet")
+                    if error is not None:
+                        continue
+                    folder = common.RunDir(run.folder(args))
+                    # as each method samples: RSSA behind its P, MineGAN behind its miner, BSA with its scale / shift
+                    adapted_images = draw(load_generator(folder.latest_checkpoint(), device), z)
+                    run_feats = train_feats if run.shots == len(toyfaces.TARGET_SEEDS) or run.shots == 0 else \
+                        toy_outputs(net, load_images([target_argument(run, args)] if name in ONE_SHOT else training_images(style, run.shots, seed)))[0]
+                    seconds, iters = finished(run, args)
+                    values = score(net, adapted_images, source_geometry, target_feats, run_feats, style_index)
+                    values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})
+                    back = Run(name, style, ROUND_TRIP_SHOTS, seed, back=True)
+                    if shots == ROUND_TRIP_SHOTS and any(b.folder(args) == back.folder(args) for b in backs) and finished(back, args):
+                        round_trip = load_generator(common.RunDir(back.folder(args)).latest_checkpoint(), device)
+                        values.update(round_trip_score(net, source_images, draw(round_trip, z)))
+                    per_seed.append(values)
+                    if seed == args.seeds[0] and shots == max(args.shots):
+                        figure.append((name, adapted_images[:10]))
+                        if style == args.styles[0]:
+                            cv2.imwrite(os.path.join(args.out, f"samples_{name}{tag}.png"), last_sample_grid(folder), png)
+                if per_seed:
+                    results[(style, shots, name)] = per_seed
+                    rows.append((name, mean_std(per_seed)))
+                elif error is not None:
+                    rows.append((name, {"FD": f"{error}"}))
+            if len(rows) == 2:
+                continue
+            columns = ["FD", "IC-div", "geom err", "p(target)", "iters", "s/iter"]
+            if any("RT MSE" in values for _, values in rows):
+                columns += ["RT MSE", "RT cos", "RT geom"]
+            table = f"\n### {style}, {shots} shot{'s' if shots > 1 else ''}\n\n" + markdown(rows, columns)
+            text += table
+            print(table, flush=True)
+        name = "comparison" + ("" if style == "sketch" else f"_{style}") + tag + ".png"
+        cv2.imwrite(os.path.join(args.out, name), labelled_rows(figure)[..., ::-1], png)
+        if len(args.shots) > 1:
+            xs = sorted(args.shots)
+            series = {}
+            for method in args.methods:
+                ys = [float(np.mean([v["IC-div"] for v in results[(style, k, method)]])) if (style, k, method) in results else None for k in xs]
+                if sum(y is not None for y in ys) > 1:
+                    series[method] = ys
+            plot = line_plot(series, xs, f"IC-div vs shots ({style})", "IC-div")
+            cv2.imwrite(os.path.join(args.out, "icdiv_vs_shots" + ("" if style == "sketch" else f"_{style}") + tag + ".png"), plot, png)
+    with open(os.path.join(args.out, f"results{tag}.md"), "w") as f:
+        f.write(text)
+    claims_name = "claims.md" if tag else "claims-demo.md"
+    with open(os.path.join(args.out, claims_name), "w") as f:
+        f.write(claims_markdown(results, args))
 
 
 if __name__ == "__main__":
