@@ -1,0 +1,108 @@
+"""The testbed's grid, schedules, round-trip score and claims table (demo/testbed.py), and `--demo`."""
+
+import argparse
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from demo import testbed, toyfaces
+
+
+def grid_args(**overrides):
+    values = dict(schedule="demo", iter=None, work_dir="w", styles=["sketch"], seeds=[1], n_eval=10)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_run_folders_keep_the_plain_names_of_the_default_grid_and_name_every_other_axis():
+    args = grid_args()
+    assert testbed.Run("cdc", "sketch", 10, 1).folder(args) == os.path.join("w", "cdc-sketch")
+    assert testbed.Run("cdc", "sketch", 5, 2).folder(args) == os.path.join("w", "cdc-sketch-5shot-seed2")
+    # DiFa and NADA train on one image whatever --shots says; their text rows on none
+    assert testbed.Run("difa", "sketch", 5, 1).folder(args) == os.path.join("w", "difa-sketch")
+    assert testbed.Run("nada_text", "sunglasses", 1, 1).shots == 0
+    paper = grid_args(schedule="paper")
+    assert testbed.Run("rssa", "sketch", 5, 1, back=True).folder(paper) == os.path.join("w", "rssa-sketch-5shot-paper-back")
+    assert testbed.Run("rssa", "sketch", 10, 1).iters(paper) == 2001
+    assert testbed.Run("rssa", "sketch", 10, 1).iters(grid_args()) is None  # the demo schedule: the script's own
+    assert testbed.Run("cdc", "sketch", 10, 1).folder(grid_args(iter=7)) == os.path.join("w", "cdc-sketch-7it")
+
+
+def test_training_images_are_all_ten_at_ten_shots_and_a_fixed_draw_per_seed_otherwise():
+    ten = testbed.training_images("sketch", 10, 1)
+    assert len(ten) == 10 and ten == sorted(ten)
+    five = testbed.training_images("sketch", 5, 1)
+    assert len(set(five)) == 5 and set(five) <= set(ten)
+    assert testbed.training_images("sketch", 5, 1) == five  # fixed per seed: every method trains on the same five
+    assert testbed.training_images("sketch", 5, 2) != five
+    # the same draw for every style: an attribute change and a style change of the same faces
+    assert [os.path.basename(p) for p in testbed.training_images("sunglasses", 5, 1)] == [os.path.basename(p) for p in five]
+
+
+@pytest.mark.parametrize("script, extra", [("cdc", []), ("c3", []), ("progressive_asc", []), ("rssa", []),
+                                           ("baselines", ["--baseline", "tgan"]), ("baselines", ["--baseline", "bsa"])])
+def test_paper_schedule_is_each_script_s_own_default(script, extra, tmp_path):
+    """PAPER_ITERS restates the scripts' defaults (a run with --source and --target, outside the demo)."""
+    module = importlib.import_module(script)
+    args = module.parse_args(["--source", str(tmp_path / "s.pt"), "--target", str(tmp_path), *extra])
+    name = extra[1] if extra else script
+    assert args.iter == testbed.PAPER_ITERS[name]
+    assert not args.demo
+
+
+def test_demo_flag_keeps_the_demo_settings_with_another_target(tmp_path):
+    import cdc
+
+    args = cdc.parse_args(["--demo", "--target", str(tmp_path)])
+    assert args.demo and args.source == common.DEMO_SOURCE and args.target == str(tmp_path)
+    assert args.iter == common.DEMO_SCHEDULE["iter"] and args.n_sample == common.DEMO_SCHEDULE["n_sample"]
+    assert cdc.parse_args(["--demo", "--target", str(tmp_path), "--iter", "9"]).iter == 9  # given options still win
+    plain = cdc.parse_args(["--source", common.DEMO_SOURCE, "--target", str(tmp_path)])
+    assert not plain.demo and plain.iter == 5002
+
+
+def test_round_trip_score_of_a_perfect_reconstruction_and_of_another_generator():
+    net = testbed.load_toynet()
+    images = torch.from_numpy(np.stack([toyfaces.render_seed(s, "source", 32) for s in range(8)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    same = testbed.round_trip_score(net, images, images.clone())
+    assert same["RT MSE"] == 0 and same["RT cos"] == pytest.approx(1, abs=1e-5) and same["RT geom"] == 0
+    other = testbed.round_trip_score(net, images, images.flip(0))
+    assert other["RT MSE"] > 0.01 and other["RT cos"] < same["RT cos"] and other["RT geom"] > 0.3
+
+
+def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
+    def runs(**columns):
+        return [{k: v for k, v in columns.items()}]
+
+    results = {("sketch", 10, "cdc"): runs(FD=30.0, **{"IC-div": 6.0, "geom err": 0.4}),
+               ("sketch", 10, "tgan"): runs(FD=25.0, **{"IC-div": 4.0}),
+               ("sketch", 10, "ada"): runs(FD=40.0, **{"IC-div": 4.5}),
+               ("sketch", 10, "freezed"): runs(FD=45.0, **{"IC-div": 3.5}),
+               ("sketch", 10, "ewc"): [{"FD": 200.0, "IC-div": 5.0}, {"FD": 100.0, "IC-div": 7.0}],  # mean 150, 6.0
+               ("sketch", 10, "c3"): runs(FD=29.0),
+               ("sketch", 10, "difa"): runs(**{"IC-div": 8.0})}
+    text = testbed.claims_markdown(results, grid_args())
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
+    fd = rows["lower FD than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots"]
+    assert "**does not hold**" in fd and "not better than tgan" in fd and "ewc 150" in fd
+    div = rows["higher diversity than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots"]
+    assert "**does not hold**" in div and "not better than ewc" in div  # a tie (6.0 against 6.0) is not better
+    assert "**holds**" in rows["lower FD than CDC at 10 shots"]
+    difa = rows["one-shot adaptation keeps more diversity than NADA and than fine-tuning from one image"]
+    assert "not testable here yet" in difa and "nada (1 shots)" in difa and "tgan (1 shots)" in difa
+
+
+def test_line_plot_draws_each_series():
+    image = testbed.line_plot({"cdc": [4.0, 5.0, 6.0], "freezed": [3.0, None, 3.5]}, [1, 5, 10], "IC-div vs shots", "IC-div")
+    assert image.shape == (360, 560, 3) and image.dtype == np.uint8
+    blue = (image[..., 0] > 150) & (image[..., 1] < 140) & (image[..., 2] < 60)  # cdc's colour, BGR (180, 119, 31)
+    assert blue.sum() > 200
+
+
+def test_testbed_rejects_a_shot_count_outside_the_demo_targets():
+    with pytest.raises(common.UserError, match="--shots"):
+        testbed.parse_args(["--shots", "11"])
