@@ -126,14 +126,16 @@ def main(argv=None):
     dataset = common.ImageFolder(args.target, generator.size)
     run = common.RunDir(args.out)
     latent_dim = generator.style_dim
-    common.distribute_discriminator(discriminator)  # under torchrun: D's minibatch stddev over the global batch
-    common.autocast_forwards(args.precision, g_source, generator, discriminator)  # --precision bf16
 
     # METHOD: CDC's patch head and which D map each patch level reads
     patch_maps = common.patch_map_indices(discriminator)
     head = common.make_patch_head(discriminator).to(device)
     if args.highp > len(patch_maps):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
+
+    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
+    common.distribute_discriminator(discriminator)
+    common.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
