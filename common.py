@@ -209,13 +209,17 @@ def generate_rows(g, styles, **kwargs):
     part = rows(n)
     noise = kwargs.get("noise")
     if noise is None and kwargs.get("randomize_noise", True):
-        upto = kwargs.get("feats_upto")
-        buffers = [getattr(g.noises, f"noise_{k}") for k in range(g.num_layers)]
-        noise = [torch.randn(n, 1, *b.shape[-2:], device=b.device) if upto is None or k <= upto else None  # [n, 1, r, r]
-                 for k, b in enumerate(buffers)]
+        noise = noise_maps(g, n, kwargs.get("feats_upto"))
     if noise is not None:
         kwargs["noise"] = [m if m is None or m.shape[0] != n else m[part] for m in noise]
     return g([s[part] for s in styles], **kwargs)
+
+
+def noise_maps(g, n, upto=None):
+    """The per-pixel noise [n, 1, r, r] of every layer of g (None after layer `upto`) as g's forward draws it when
+    given none: layer by layer, from the global RNG on g's device. Drawn ahead, the same values as the forward's."""
+    buffers = [getattr(g.noises, f"noise_{k}") for k in range(g.num_layers)]
+    return [torch.randn(n, 1, *b.shape[-2:], device=b.device) if upto is None or k <= upto else None for k, b in enumerate(buffers)]
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -313,21 +317,24 @@ def any_process(flag):
 
 
 def gather_rows(x):
-    """Every process's rows of x concatenated in rank order (any number of rows per process, no autograd), in every
-    process: the shards of a sharded evaluation. x itself in a single process."""
+    """Every process's rows of x concatenated in rank order (any number of rows per process, no autograd), on the
+    CPU, in every process: the shards of a sharded evaluation. x is None in a process without rows. x itself in a
+    single process."""
     if world_size() == 1:
         return x
     dist = _dist()
+    shapes = [None] * world_size()
+    dist.all_gather_object(shapes, None if x is None else (tuple(x.shape), x.dtype))
+    known = next(s for s in shapes if s is not None)
+    rest, dtype = known[0][1:], known[1]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = x.to(device)
-    counts = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor(local.shape[0], device=device))
-    longest = max(int(c) for c in counts)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in counts]
+    longest = max(0 if s is None else s[0][0] for s in shapes)
+    padded = torch.zeros((longest, *rest), dtype=dtype, device=device)
+    if x is not None:
+        padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in shapes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)]).to(x.device)
+    return torch.cat([p[: 0 if s is None else s[0][0]] for p, s in zip(parts, shapes)]).cpu()
 
 
 def shard(n):
