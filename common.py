@@ -2,8 +2,9 @@
 
 Target images, CDC's anchors and patch-discriminator head, the StyleGAN2 losses and regularisers
 (logistic D loss, non-saturating G loss, lazy R1, path length), Adam with lazy-regularisation scaling,
-parameter EMA, seeding and RNG state, the shared command line, the run folder (samples, checkpoints,
-log.csv), atomic checkpoints with resume, and one-line user errors.
+parameter EMA, seeding and RNG state, several processes under torchrun (each its rows of the global batch,
+gathers with autograd, averaged gradients) and --precision, the shared command line, the run folder (samples,
+checkpoints, log.csv), atomic checkpoints with resume, and one-line user errors.
 """
 
 import argparse

@@ -33,6 +33,9 @@ Generators are the `g_ema` of each checkpoint (rosinality format or ours). Trunc
 generator's mean w (4096 samples) for every model, as CDC's generate.py. Generated images are quantised to
 8 bits exactly as a saved PNG would be before any metric sees them.
 
+Under torchrun (`torchrun --nproc_per_node N -- evaluate.py fid ...`) the metric commands shard their sampling and
+feature extraction across the processes and print the numbers of the single-process run (SHARDED_COMMANDS).
+
 Pretrained weights come the standard way (torch hub cache: pytorch-fid's `pt_inception-2015-12-05-*.pth`,
 torchvision's Inception-v3 and VGG16); when missing and not downloadable the command stops with one line
 saying which file to put where. `--random-weights` builds the same networks randomly initialised, for tests only.
