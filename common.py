@@ -9,6 +9,7 @@ checkpoints, log.csv), atomic checkpoints with resume, and one-line user errors.
 
 import argparse
 import csv
+import functools
 import math
 import os
 import random
@@ -16,6 +17,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -156,19 +158,12 @@ def is_main():
     return rank() == 0
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
 def init_device(name, precision="default"):
     """This process's device (resolve_device), with --precision applied (set_precision). Under torchrun it also joins
     the process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo on the CPU; the other processes' stdout
     goes to /dev/null, so only rank 0 prints."""
     device = resolve_device(name)
     if world_size() > 1:
-        dist = _dist()
         if device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
             if local >= torch.cuda.device_count():
@@ -185,9 +180,9 @@ def init_device(name, precision="default"):
 
 def end_processes():
     """Under torchrun: wait until every process gets here, then leave the process group; nothing otherwise."""
-    if world_size() > 1 and _dist().is_initialized():
-        _dist().barrier()
-        _dist().destroy_process_group()
+    if world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def rows(n):
@@ -229,7 +224,7 @@ class _SumOverProcesses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         total = x.clone()
-        _dist().all_reduce(total)
+        dist.all_reduce(total)
         return total
 
     @staticmethod
@@ -244,13 +239,13 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         parts = [torch.empty_like(x) for _ in range(world_size())]
-        _dist().all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # [N b, ...]
 
     @staticmethod
     def backward(ctx, grad):
         share = grad.shape[0] // world_size()
-        return _SumOverProcesses.apply(grad.contiguous())[rank() * share : (rank() + 1) * share]
+        return _SumOverProcesses.apply(grad.contiguous())[rank() * share : (rank() + 1) * share]  # [b, ...]
 
 
 def gather(x, n):
@@ -287,8 +282,8 @@ def step(*optimizers):
     if world_size() > 1:
         grads = [p.grad for o in optimizers for group in o.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            flat = torch.cat([g.flatten() for g in grads])
-            _dist().all_reduce(flat)
+            flat = torch.cat([g.flatten() for g in grads])  # [P], every gradient
+            dist.all_reduce(flat)
             flat /= world_size()
             offset = 0
             for g in grads:
@@ -298,14 +293,18 @@ def step(*optimizers):
         optimizer.step()
 
 
+def _collective_device():
+    """Where tensors for a collective must be: this process's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def mean_over_processes(values):
     """{name: float} averaged over the processes (one all-reduce; under torchrun each process's losses are those of
     its rows, their average the global batch's); the dict itself in a single process."""
     if world_size() == 1:
         return values
-    device = torch.device("cuda", torch.cuda.current_device()) if _dist().get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
-    _dist().all_reduce(total)
+    total = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_collective_device())  # [K]
+    dist.all_reduce(total)
     return dict(zip(values, (total / world_size()).tolist()))
 
 
@@ -323,14 +322,12 @@ def gather_rows(x):
     single process."""
     if world_size() == 1:
         return x
-    dist = _dist()
     shapes = [None] * world_size()
     dist.all_gather_object(shapes, None if x is None else (tuple(x.shape), x.dtype))
     known = next(s for s in shapes if s is not None)
     rest, dtype = known[0][1:], known[1]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     longest = max(0 if s is None else s[0][0] for s in shapes)
-    padded = torch.zeros((longest, *rest), dtype=dtype, device=device)
+    padded = torch.zeros((longest, *rest), dtype=dtype, device=_collective_device())  # [longest, ...]
     if x is not None:
         padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in shapes]
@@ -370,7 +367,6 @@ def autocast_forwards(precision, *modules):
     returns float32 tensors, so the losses and regularisers after it are computed in float32. Nothing otherwise."""
     if precision != "bf16":
         return
-    import functools
 
     def as_float(value):
         if torch.is_tensor(value) and value.dtype == torch.bfloat16:

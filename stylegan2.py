@@ -83,6 +83,7 @@ class _ConstantWeightConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, groups = ctx.conv
+        weight = weight.to(grad.dtype)  # under bfloat16 autocast (--precision bf16) the forward convolved in bfloat16
         return torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, 1, groups), None, None, None, None, None
 
 
