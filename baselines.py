@@ -567,7 +567,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.baseline == "bsa":
         return train_bsa(args)
-    device = common.resolve_device(args.device)
+    device = common.init_device(args.device, args.precision)
     common.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
@@ -596,6 +596,11 @@ def main(argv=None):
     miner = None
     if args.baseline == "minegan":
         miner = Miner(latent_dim, args.miner_hidden).to(device)
+
+    # SHARED: under torchrun D's minibatch stddev over the global batch (after EWC's Fisher, which runs whole batches in
+    # every process); --precision bf16 autocasts G and D
+    common.distribute_discriminator(discriminator)
+    common.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
@@ -658,26 +663,29 @@ def main(argv=None):
 
             def d_logits(images):
                 if args.baseline == "ada":
-                    images = ada_augment(images, ada_p, ada_set)  # every image D sees goes through A_p
+                    # every image D sees goes through A_p, drawn for the global batch (gathered under torchrun, then this
+                    # process's rows), so its random stream is the single-process run's
+                    images = ada_augment(common.gather(images, args.batch), ada_p, ada_set)[common.rows(args.batch)]
                 return discriminator(images)  # [B, 1]
 
             # SHARED: D step
-            real_img = next(sampler)  # [B, 3, H, W]
+            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             if miner:
                 common.requires_grad(miner, False)
             set_d_trainable(discriminator, True, frozen)  # FreezeD: the frozen blocks never get gradients
             with torch.no_grad():
-                fake_img, _ = generator(sample_latents(args.batch))
+                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             real_pred = d_logits(real_img)
             d_loss = common.d_logistic_loss(real_pred, d_logits(fake_img))
             discriminator.zero_grad()
             d_loss.backward()
-            d_optim.step()
+            common.step(d_optim)
 
             # METHOD: ADA's p update from the sign of D on the reals, every ada_interval D steps
             if args.baseline == "ada" and not args.ada_fixed:
-                ada_signs = [ada_signs[0] + float(real_pred.detach().sign().sum()), ada_signs[1] + real_pred.numel()]
+                signs = common.gather(real_pred.detach(), args.batch).sign()  # [B, 1], the global batch's
+                ada_signs = [ada_signs[0] + float(signs.sum()), ada_signs[1] + signs.numel()]
                 if (i + 1) % args.ada_interval == 0:
                     ada_p = ada_update_p(ada_p, ada_signs[0] / ada_signs[1], args.ada_target, args.batch, args.ada_interval, args.ada_kimg)
                     ada_signs = [0.0, 0]
@@ -691,7 +699,7 @@ def main(argv=None):
                 discriminator.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                d_optim.step()
+                common.step(d_optim)
 
             # SHARED: G step
             common.requires_grad(generator, train_g)
@@ -702,7 +710,7 @@ def main(argv=None):
             if miner:
                 miner.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = generator(sample_latents(args.batch))
+            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -713,25 +721,19 @@ def main(argv=None):
                 # L_G + lambda L_ewc
                 terms.add(args.ewc_weight * ewc_loss)
             terms.backward()
-            if train_g:
-                g_optim.step()
-            if miner:
-                m_optim.step()
+            common.step(g_optim if train_g else None, m_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing; MineGAN: through the miner, as its code)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = generator(sample_latents(path_batch), return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length)
+                fake_img, latents = common.generate_rows(generator, sample_latents(path_batch), return_latents=True)
+                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 if miner:
                     miner.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                if train_g:
-                    g_optim.step()
-                if miner:
-                    m_optim.step()
+                common.step(g_optim if train_g else None, m_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
@@ -741,13 +743,14 @@ def main(argv=None):
                 losses["ada_p"] = ada_p
             if args.baseline == "ewc":
                 losses["ewc"] = ewc_loss.item()
+            losses = common.mean_over_processes(losses)
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if interrupt.requested:
+            if common.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
                 print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
@@ -761,7 +764,7 @@ def main(argv=None):
 
 def train_bsa(args):
     """BSA: reconstruction training of the scale / shift of G's features and one latent per image; no D."""
-    device = common.resolve_device(args.device)
+    device = common.init_device(args.device, args.precision)
     common.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
@@ -835,8 +838,9 @@ def train_bsa(args):
                 group["lr"] = base * BSA_LR_DECAY ** ((i + 1) // BSA_LR_DECAY_EVERY)
             index = next(sampler).to(device)  # [B] image indices
             z = latents[index] + BSA_Z_EPS * torch.randn(len(index), latent_dim, device=device)  # z_n + eps
-            fake = generator([z], noise=fixed_noise)[0]  # [B, 3, H, W]
-            pixel_loss, perceptual_loss = bsa_reconstruction_loss(fake, targets[index], lpips_fn, args.bsa_perceptual)
+            part = common.rows(args.batch)  # this process's rows (all of them in a single process)
+            fake = common.generate_rows(generator, [z], noise=fixed_noise)[0]  # [B/N, 3, H, W]
+            pixel_loss, perceptual_loss = bsa_reconstruction_loss(fake, targets[index[part]], lpips_fn, args.bsa_perceptual)
             gaussian = torch.randn(BSA_EMD_SAMPLES * len(index), latent_dim, device=device)  # [M, D] ~ N(0, I)
             emd_loss = latent_emd(latents[index], gaussian)
             reg_loss = scale_shift.regulariser()
@@ -844,18 +848,18 @@ def train_bsa(args):
             loss = pixel_loss + args.bsa_perceptual * perceptual_loss + args.bsa_emd * emd_loss + args.bsa_reg * reg_loss
             bsa_optim.zero_grad()
             loss.backward()
-            bsa_optim.step()
+            common.step(bsa_optim)
 
             # SHARED: logging, samples, checkpoints
-            losses = {"loss": loss.item(), "pixel": pixel_loss.item(), "perceptual": perceptual_loss.item(),
-                      "emd": emd_loss.item(), "reg": reg_loss.item()}
+            losses = common.mean_over_processes({"loss": loss.item(), "pixel": pixel_loss.item(), "perceptual": perceptual_loss.item(),
+                                                 "emd": emd_loss.item(), "reg": reg_loss.item()})
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if interrupt.requested:
+            if common.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
                 print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")

@@ -8,9 +8,13 @@ one full GAN step (D step + G step, as in rosinality's train.py without the lazy
     python bench.py --size 64 --method rssa --method-args "--invert-steps 2 --lpips-random-backbone"
     python bench.py --size 256 --method cdc --memory         # peak memory of cdc.py's first two iterations, and where
     python bench.py --size 64 --asc-parts                    # the parts of progressive_asc.py's L_asc
+    python bench.py --size 256 --method cdc --batch 8 --precision bf16      # bf16 autocast against --precision fp32
+    torchrun --nproc_per_node 4 bench.py --size 256 --method cdc --batch 8  # 4 processes, global batch 8
 
 Prints seconds (median of --repeat runs after one warm-up), it/s and peak memory (CUDA: max allocated;
 CPU: the process's peak resident set size so far). `--form` times one modulated-conv form instead of "auto".
+Under torchrun (--method only) the iteration is the global batch's, timed by rank 0, with every process's peak
+memory; its scaling efficiency is (it/s with N processes) / (N x it/s with one), both at the same --batch.
 """
 
 import argparse
@@ -26,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import common
 import stylegan2
 
 
@@ -158,8 +163,8 @@ def benchmark_method(args, device):
     method = importlib.import_module(args.method)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier)
-        d = stylegan2.Discriminator(args.size, channel_multiplier=args.channel_multiplier)
+        g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier, channel_cap=args.channel_cap)
+        d = stylegan2.Discriminator(args.size, channel_multiplier=args.channel_multiplier, channel_cap=args.channel_cap)
         source = os.path.join(tmp, "source.pt")
         torch.save({"g": g.state_dict(), "g_ema": g.state_dict(), "d": d.state_dict(), "args": _argparse.Namespace()}, source)
         target = os.path.join(tmp, "target")
@@ -171,7 +176,8 @@ def benchmark_method(args, device):
 
         def run(iters, out):
             argv = ["--source", source, "--target", target, "--out", os.path.join(tmp, out), "--iter", str(iters),
-                    "--batch", str(args.batch), "--device", str(device), "--sample-every", "100000", "--save-every", "100000", "--n-sample", "4"]
+                    "--batch", str(args.batch), "--device", device.type, "--precision", args.precision,
+                    "--sample-every", "100000", "--save-every", "100000", "--n-sample", "4"]
             argv += shlex.split(args.method_args)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -182,8 +188,6 @@ def benchmark_method(args, device):
             return time.perf_counter() - start
 
         if args.summed_backward:
-            import common
-
             common.LossTerms.summed = True
         if args.memory:
             # iterations 0 and 1: every lazy regulariser runs at iteration 0, and CDC-style anchor / patch iterations alternate
@@ -205,10 +209,11 @@ def benchmark_method(args, device):
         base = run(1, "a")
         total = run(1 + args.repeat, "b")
     per_iter = (total - base) / args.repeat
-    print(f"{args.method}.py: size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, device {device}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    peaks = common.gather_rows(torch.tensor([peak_memory_mb(device)], dtype=torch.float64)).tolist()  # every process's
+    print(f"{args.method}.py: size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, device {device.type}, "
+          f"processes {common.world_size()}, precision {args.precision}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"{per_iter:.3f} s per iteration ({1 / per_iter:.3f} it/s), averaged over {args.repeat} iterations")
-    print(f"peak memory {peak_memory_mb(device):.0f} MB")
+    print("peak memory " + ", ".join(f"{mb:.0f}" for mb in peaks) + " MB" + (" (per process)" if len(peaks) > 1 else ""))
 
 
 def benchmark_asc_parts(args, device):
@@ -266,6 +271,8 @@ def main():
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--channel-multiplier", type=int, default=2)
+    parser.add_argument("--channel-cap", type=int, default=None,
+                        help="with --method: every layer at most this wide (default: none, rosinality's widths; e.g. 64 for a quick CPU check)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -278,13 +285,19 @@ def main():
     parser.add_argument("--summed-backward", action="store_true",
                         help="with --method: one backward over the sum of the G step's loss terms (the form before common.LossTerms)")
     parser.add_argument("--asc-parts", action="store_true", help="time the parts of progressive_asc.py's L_asc instead")
+    parser.add_argument("--precision", choices=common.PRECISIONS, default="default",
+                        help="as the method files' --precision (default: PyTorch's settings); also for the model timings")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if common.world_size() > 1 and not args.method:
+        raise SystemExit("under torchrun bench.py times training iterations: add --method")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
 
     if args.method:
-        return benchmark_method(args, device)
+        device = common.init_device(device.type, args.precision)  # under torchrun: this process's GPU, the process group
+        benchmark_method(args, device)
+        return common.end_processes()
     if args.asc_parts:
         return benchmark_asc_parts(args, device)
 
@@ -292,6 +305,8 @@ def main():
     g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier).to(device)
     d = stylegan2.Discriminator(args.size, channel_multiplier=args.channel_multiplier).to(device)
     g.set_modconv_form(args.form)
+    common.set_precision(device, args.precision)
+    common.autocast_forwards(args.precision, g, d)
     models = {"ours": (g, d)}
     if args.reference:
         sys.path.insert(0, os.path.abspath(args.reference))
@@ -304,7 +319,7 @@ def main():
         models["rosinality"] = (rg, rd)
 
     print(f"size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, device {device}, "
-          f"threads {torch.get_num_threads()}, form {args.form}, torch {torch.__version__}")
+          f"threads {torch.get_num_threads()}, form {args.form}, precision {args.precision}, torch {torch.__version__}")
     table = {name: benchmark(gm, dm, args, device) for name, (gm, dm) in models.items()}
     header = f"{'':22s}" + "".join(f"{name:>24s}" for name in table)
     print(header)

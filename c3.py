@@ -113,7 +113,7 @@ def contrastive_correspondence_loss(feat_src, feat_tgt, tau):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.init_device(args.device, args.precision)
     common.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
@@ -132,6 +132,10 @@ def main(argv=None):
     head = common.make_patch_head(discriminator).to(device)
     if args.highp > len(patch_maps):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
+
+    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
+    common.distribute_discriminator(discriminator)
+    common.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
@@ -182,11 +186,12 @@ def main(argv=None):
         return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
     def encode(g, z, noise, index):
-        """f(G(z)) as rows [M, D']: G's synthesis feature `index`, or D's patch map `index` of the image G(z)."""
+        """f(G(z)) as rows [M, D']: G's synthesis feature `index`, or D's patch map `index` of the image G(z) (this
+        process's rows of the M under torchrun)."""
         if args.encoder == "generator":
-            _, feats = g([z], noise=noise, return_feats=True, feats_upto=index)  # G stops after feats[index]
+            _, feats = common.generate_rows(g, [z], noise=noise, return_feats=True, feats_upto=index)  # G stops after feats[index]
             return feats[index].flatten(1)  # [M, C*h*w]
-        image, _ = g([z], noise=noise)  # [M, 3, H, W]
+        image, _ = common.generate_rows(g, [z], noise=noise)  # [M, 3, H, W]
         feature = discriminator.feature_maps(image, stop_after=patch_maps[index])[-1]  # [M, C, h, w]
         return feature.mean((2, 3)) if args.d_pool == "mean" else feature.flatten(1)  # [M, C] or [M, C*h*w]
 
@@ -196,18 +201,17 @@ def main(argv=None):
     with common.StopOnInterrupt() as interrupt:
         for i in pbar:
             # SHARED: D step
-            real_img = next(sampler)  # [B, 3, H, W]
+            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = generator(common.mixing_noise(args.batch, latent_dim, args.mixing, device))
+                fake_img, _ = common.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            d_optim.step()
-            e_optim.step()
+            common.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -219,8 +223,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                d_optim.step()
-                e_optim.step()
+                common.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -228,7 +231,7 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = generator(common.mixing_noise(args.batch, latent_dim, args.mixing, device))
+            fake_img, _ = common.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -245,33 +248,36 @@ def main(argv=None):
                 with torch.no_grad():
                     feat_src = encode(g_source, z, noise_src, index)  # [M, D']
                 feat_tgt = encode(generator, z, noise_tgt, index)  # [M, D']
+                # InfoNCE couples the M latents: every process's rows gathered (autograd flows back to each), so every
+                # process computes the single-process loss of all M (common.py, 'Several processes')
+                feat_src, feat_tgt = common.gather(feat_src, args.con_batch), common.gather(feat_tgt, args.con_batch)
                 con_loss = contrastive_correspondence_loss(feat_src, feat_tgt, args.tau)
                 # L_G + lambda_con L_con
                 terms.add(args.con_wt * con_loss)
             terms.backward()
-            g_optim.step()
+            common.step(g_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = generator(common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length)
+                fake_img, latents = common.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                g_optim.step()
+                common.step(g_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = {"d": d_loss.item(), "g": g_loss.item(), "con": con_loss.item(), "r1": r1_loss.item(),
-                      "path": path_loss.item(), "mean_path": mean_path_length.item()}
+            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "con": con_loss.item(), "r1": r1_loss.item(),
+                                                 "path": path_loss.item(), "mean_path": mean_path_length.item()})
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if interrupt.requested:
+            if common.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
                 print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")

@@ -148,7 +148,7 @@ def distance_consistency_loss(feats_src, feats_tgt, layer_idx, direction="source
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.init_device(args.device, args.precision)
     common.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
@@ -167,6 +167,10 @@ def main(argv=None):
     head = common.make_patch_head(discriminator).to(device)
     if args.highp > len(patch_maps):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
+
+    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
+    common.distribute_discriminator(discriminator)
+    common.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
@@ -238,18 +242,17 @@ def main(argv=None):
                 return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
             # SHARED: D step
-            real_img = next(sampler)  # [B, 3, H, W]
+            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = generator(sample_latents(args.batch))
+                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            d_optim.step()
-            e_optim.step()
+            common.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -261,8 +264,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                d_optim.step()
-                e_optim.step()
+                common.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -270,7 +272,7 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = generator(sample_latents(args.batch))
+            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -286,8 +288,11 @@ def main(argv=None):
                 # both generators stop at the deepest layer used (the official code also renders the image)
                 deepest = int(layer_idx.max()) if args.kl_layers == "random" else n_latent - 2
                 with torch.no_grad():
-                    _, feats_src = g_source([z], noise=noise_src, return_feats=True, feats_upto=deepest)
-                _, feats_tgt = generator([z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
+                    _, feats_src = common.generate_rows(g_source, [z], noise=noise_src, return_feats=True, feats_upto=deepest)
+                _, feats_tgt = common.generate_rows(generator, [z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
+                # L_dist couples the N latents: every process's rows gathered (autograd flows back to each), so every
+                # process computes the single-process loss of all N (common.py, 'Several processes')
+                feats_src, feats_tgt = common.gather(feats_src, args.feat_const_batch), common.gather(feats_tgt, args.feat_const_batch)
                 if args.kl_layers == "random":
                     dist_loss = distance_consistency_loss(feats_src, feats_tgt, layer_idx, args.kl_direction, args.kl_reduction)
                 else:
@@ -300,29 +305,29 @@ def main(argv=None):
                 # L_G + lambda L_dist
                 terms.add(args.kl_wt * dist_loss)
             terms.backward()
-            g_optim.step()
+            common.step(g_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = generator(common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length)
+                fake_img, latents = common.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                g_optim.step()
+                common.step(g_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = {"d": d_loss.item(), "g": g_loss.item(), "dist": dist_loss.item(), "r1": r1_loss.item(),
-                      "path": path_loss.item(), "mean_path": mean_path_length.item()}
+            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "dist": dist_loss.item(), "r1": r1_loss.item(),
+                                                 "path": path_loss.item(), "mean_path": mean_path_length.item()})
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if interrupt.requested:
+            if common.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
                 print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")

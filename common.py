@@ -2,12 +2,14 @@
 
 Target images, CDC's anchors and patch-discriminator head, the StyleGAN2 losses and regularisers
 (logistic D loss, non-saturating G loss, lazy R1, path length), Adam with lazy-regularisation scaling,
-parameter EMA, seeding and RNG state, the shared command line, the run folder (samples, checkpoints,
-log.csv), atomic checkpoints with resume, and one-line user errors.
+parameter EMA, seeding and RNG state, several processes under torchrun (each its rows of the global batch,
+gathers with autograd, averaged gradients) and --precision, the shared command line, the run folder (samples,
+checkpoints, log.csv), atomic checkpoints with resume, and one-line user errors.
 """
 
 import argparse
 import csv
+import functools
 import math
 import os
 import random
@@ -15,6 +17,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,12 +42,19 @@ class UserError(Exception):
 
 
 def run_main(main, argv=None):
-    """Run main(argv), turning user errors into `error: <message>` on stderr and exit status 2."""
+    """Run main(argv), turning user errors into `error: <message>` on stderr and exit status 2. Under torchrun the
+    processes then wait for each other (a Ctrl-C exit too: rank 0 may still be writing its checkpoint) and leave
+    the process group; a process that fails exits at once, and torchrun stops the others."""
     try:
-        return main(argv)
+        result = main(argv)
     except (UserError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}" if is_main() else f"error (rank {rank()}): {error}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit:
+        end_processes()
+        raise
+    end_processes()
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +88,9 @@ def get_rng_state():
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # under torchrun only this process's GPU (rank 0's, whose stream every process's GPU repeats): reading all
+        # of them would start a CUDA context on every GPU of the node
+        state["cuda"] = torch.cuda.get_rng_state_all() if world_size() == 1 else [torch.cuda.get_rng_state()]
     return state
 
 
@@ -87,12 +99,296 @@ def set_rng_state(state):
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():
+        if world_size() == 1 and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        elif world_size() > 1:
+            torch.cuda.set_rng_state(state["cuda"][0])  # the training GPU's stream (cuda:0 of the saving process)
 
 
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (torchrun): one device per process, the global batch split across them
+#
+# `torchrun --nproc_per_node N <method>.py ...` starts N copies of the script; torchrun's environment (WORLD_SIZE,
+# RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) says which one each is. Without it (a plain `python <method>.py`) none
+# of this does anything and the run is exactly the single-process one.
+#
+# Results do not depend on N. Every process draws the latents, per-pixel noise and real images of the GLOBAL batch
+# (--batch) from the same seeded generators, so the random streams are the single-process run's, and keeps its own
+# rows (`rows`, `generate_rows`). What couples the samples of a batch (D's minibatch stddev, the path-length mean,
+# the methods' cross-sample losses) is computed on tensors gathered over the processes (`gather`), i.e. over the
+# global batch. Before every optimiser step the gradients are averaged over the processes (`step`).
+#
+# Loss scaling: none is needed, for this reason. `gather`'s backward sums the incoming gradient over the processes
+# before keeping this process's rows, so the gradients of all processes add up to the gradient of the SUM over
+# processes of each process's loss. A per-process mean over its B/N rows (the GAN losses, R1, path length, per-sample
+# method terms) sums to N times the mean over the global batch; a loss computed on gathered tensors (CDC's L_dist,
+# C3's L_con, ...) is the same number in every process, so it sums to N times that loss. Either way the sum is N times
+# the single-process loss, and averaging the gradients over the N processes gives the single-process gradient. (A
+# gather whose backward only kept this process's rows would need the gathered losses multiplied by N, and would get
+# D's stddev wrong: there each process's loss depends on the other processes' rows.) A batch that N does not divide
+# (e.g. a path-length batch of 2 on 4 processes) is not split: every process computes all of it, identically, and
+# the average of N equal gradients is that gradient.
+#
+# Why an explicit all-reduce before each step (`step`) and not DistributedDataParallel: the loops call the networks
+# through methods DDP's forward hook does not see (D.feature_maps for CDC's patch head, G.style, G with feats_upto,
+# which leaves the later layers unused), back-propagate several times per step (common.LossTerms) and through
+# autograd.grad with create_graph (R1, path length), and switch requires_grad between the D and G steps. Under DDP
+# each of these needs a workaround (find_unused_parameters, no_sync, static graphs); one all-reduce of the flattened
+# gradients of the optimiser's parameters, right before its step, is the same arithmetic with no special cases. What
+# it gives up is DDP's overlap of the all-reduce with the backward pass.
+
+
+def world_size():
+    """The number of processes (torchrun's WORLD_SIZE; 1 without torchrun). Read from the environment, so it is known
+    before the process group starts (while parsing the options)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    """True in the process that writes the run's files and prints (rank 0), and in a single-process run."""
+    return rank() == 0
+
+
+def init_device(name, precision="default"):
+    """This process's device (resolve_device), with --precision applied (set_precision). Under torchrun it also joins
+    the process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo on the CPU; the other processes' stdout
+    goes to /dev/null, so only rank 0 prints."""
+    device = resolve_device(name)
+    if world_size() > 1:
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise UserError(f"torchrun started more processes on this node than it has GPUs ({torch.cuda.device_count()})")
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if not is_main():
+            sys.stdout = open(os.devnull, "w")
+    set_precision(device, precision)
+    return device
+
+
+def end_processes():
+    """Under torchrun: wait until every process gets here, then leave the process group; nothing otherwise."""
+    if world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rows(n):
+    """This process's rows of a global batch of n: slice(r n / N, (r + 1) n / N) for rank r of N processes. All
+    rows when N does not divide n, or in a single process: then every process computes the whole batch."""
+    size = world_size()
+    if size == 1 or n % size:
+        return slice(None)
+    return slice(rank() * n // size, (rank() + 1) * n // size)
+
+
+def generate_rows(g, styles, **kwargs):
+    """g(styles, **kwargs) for this process's rows of the batch of `styles` (z, w or W+ codes): in a single process
+    exactly g(styles, **kwargs). Under torchrun the per-pixel noise that g's forward would draw for the whole batch
+    is drawn here, layer by layer in the forward's order (up to feats_upto, as the forward), so the random stream
+    is the single-process run's; then the codes and the noise (drawn or given per sample) are cut to `rows`."""
+    if world_size() == 1:
+        return g(styles, **kwargs)
+    n = styles[0].shape[0]
+    part = rows(n)
+    noise = kwargs.get("noise")
+    if noise is None and kwargs.get("randomize_noise", True):
+        noise = noise_maps(g, n, kwargs.get("feats_upto"))
+    if noise is not None:
+        kwargs["noise"] = [m if m is None or m.shape[0] != n else m[part] for m in noise]
+    return g([s[part] for s in styles], **kwargs)
+
+
+def noise_maps(g, n, upto=None):
+    """The per-pixel noise [n, 1, r, r] of every layer of g (None after layer `upto`) as g's forward draws it when
+    given none: layer by layer, from the global RNG on g's device. Drawn ahead, the same values as the forward's."""
+    buffers = [getattr(g.noises, f"noise_{k}") for k in range(g.num_layers)]
+    return [torch.randn(n, 1, *b.shape[-2:], device=b.device) if upto is None or k <= upto else None for k, b in enumerate(buffers)]
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """y = sum over processes of x, in every process; its gradient is the same sum (the loss is a sum over processes)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        total = x.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SumOverProcesses.apply(grad)
+
+
+class _Gather(torch.autograd.Function):
+    """Every process's equal share concatenated in rank order; backward: the gradient summed over the processes
+    (see the section's note), then this process's rows. Differentiable twice (R1 through D's stddev)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # [N b, ...]
+
+    @staticmethod
+    def backward(ctx, grad):
+        share = grad.shape[0] // world_size()
+        return _SumOverProcesses.apply(grad.contiguous())[rank() * share : (rank() + 1) * share]  # [b, ...]
+
+
+def gather(x, n):
+    """The global batch of n rows from this process's rows x (`rows(n)`), with autograd: every process gets the same
+    tensor; x itself when it already holds all n rows (a single process, or a batch N does not divide). x may be a
+    list of tensors (feature maps of several layers; None entries stay None)."""
+    if isinstance(x, (list, tuple)):
+        return [gather(t, n) for t in x]
+    if x is None or x.shape[0] == n:
+        return x
+    return _Gather.apply(x)
+
+
+def gather_shares(x):
+    """(the global batch, this process's rows) from x, this process's equal share: the discriminator's hook for its
+    minibatch stddev (Discriminator.batch_gather), set by `distribute_discriminator`."""
+    n = x.shape[0] * world_size()
+    return _Gather.apply(x), rows(n)
+
+
+def distribute_discriminator(discriminator):
+    """Under torchrun: D's minibatch stddev over the global batch (the 4x4 features of every process gathered with
+    autograd, a few KB), so D sees the single-process statistics; rosinality's and NVIDIA's DDP loops take it per GPU.
+    Every D call of the training loop must then get this process's rows of a batch N divides. Returns D."""
+    if world_size() > 1:
+        discriminator.batch_gather = gather_shares
+    return discriminator
+
+
+def step(*optimizers):
+    """optimizer.step() for each optimiser given (None skipped), in order; under torchrun the gradients of their
+    parameters are first averaged over the processes (one all-reduce of the flattened gradients)."""
+    optimizers = [o for o in optimizers if o is not None]
+    if world_size() > 1:
+        grads = [p.grad for o in optimizers for group in o.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])  # [P], every gradient
+            dist.all_reduce(flat)
+            flat /= world_size()
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+def _collective_device():
+    """Where tensors for a collective must be: this process's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_over_processes(values):
+    """{name: float} averaged over the processes (one all-reduce; under torchrun each process's losses are those of
+    its rows, their average the global batch's); the dict itself in a single process."""
+    if world_size() == 1:
+        return values
+    total = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_collective_device())  # [K]
+    dist.all_reduce(total)
+    return dict(zip(values, (total / world_size()).tolist()))
+
+
+def any_process(flag):
+    """True when `flag` is true in any process (a Ctrl-C reaches the processes at different moments; all must stop
+    after the same iteration); the flag itself in a single process."""
+    if world_size() == 1:
+        return flag
+    return mean_over_processes({"flag": float(flag)})["flag"] > 0
+
+
+def gather_rows(x):
+    """Every process's rows of x concatenated in rank order (any number of rows per process, no autograd), on the
+    CPU, in every process: the shards of a sharded evaluation. x is None in a process without rows. x itself in a
+    single process."""
+    if world_size() == 1:
+        return x
+    shapes = [None] * world_size()
+    dist.all_gather_object(shapes, None if x is None else (tuple(x.shape), x.dtype))
+    known = next(s for s in shapes if s is not None)
+    rest, dtype = known[0][1:], known[1]
+    longest = max(0 if s is None else s[0][0] for s in shapes)
+    padded = torch.zeros((longest, *rest), dtype=dtype, device=_collective_device())  # [longest, ...]
+    if x is not None:
+        padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in shapes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: 0 if s is None else s[0][0]] for p, s in zip(parts, shapes)]).cpu()
+
+
+def shard(n):
+    """This process's contiguous part of n items (chunks of a sharded evaluation): range(r n / N, (r + 1) n / N),
+    so concatenating the parts in rank order (`gather_rows`) restores the order; range(n) in a single process."""
+    return range(rank() * n // world_size(), (rank() + 1) * n // world_size())
+
+
+# ------------------------------------------------------------------------------------------------
+# Numerical precision on a GPU (--precision)
+
+PRECISIONS = ("default", "fp32", "tf32", "bf16")
+
+
+def set_precision(device, precision):
+    """--precision: default leaves PyTorch's settings (TF32 convolutions on Ampere and newer, float32 matmuls); fp32
+    turns TF32 off for both; tf32 turns it on for both; bf16 keeps the default settings and runs G and D forwards
+    under bfloat16 autocast (`autocast_forwards`). On the CPU only default and fp32 (which is what the CPU computes)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if device.type != "cuda":
+        if precision in ("tf32", "bf16"):
+            raise UserError(f"--precision {precision} is for CUDA GPUs; this run is on the {device.type.upper()} (use default or fp32)")
+        return
+    if precision in ("fp32", "tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def autocast_forwards(precision, *modules):
+    """--precision bf16: each module's forward (and a discriminator's feature_maps) runs under bfloat16 autocast and
+    returns float32 tensors, so the losses and regularisers after it are computed in float32. Nothing otherwise."""
+    if precision != "bf16":
+        return
+
+    def as_float(value):
+        if torch.is_tensor(value) and value.dtype == torch.bfloat16:
+            return value.float()
+        if isinstance(value, (list, tuple)):
+            return type(value)(as_float(v) for v in value)
+        return value
+
+    def wrap(method, device_type):
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                out = method(*args, **kwargs)
+            return as_float(out)
+
+        return run
+
+    for module in modules:
+        device_type = next(module.parameters()).device.type
+        module.forward = wrap(module.forward, device_type)
+        if hasattr(module, "feature_maps"):
+            module.feature_maps = wrap(module.feature_maps, device_type)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,19 +617,24 @@ def d_r1_loss(real_pred, real_img):
     return grad_real.pow(2).flatten(1).sum(1).mean()
 
 
-def g_path_regularize(fake_img, latents, mean_path_length, decay=0.01, noise=None):
+def g_path_regularize(fake_img, latents, mean_path_length, decay=0.01, noise=None, batch=None):
     """Path-length penalty: returns (penalty, updated mean path length (detached), path lengths [B]).
 
-    noise: the random image-space direction y [B, 3, H, W] / sqrt(H W); drawn here when None.
+    noise: the random image-space direction y [B, 3, H, W] / sqrt(H W); drawn here when None. batch: under torchrun,
+    the global batch whose rows (`rows`) fake_img holds: y is drawn for all of it and the running mean follows the
+    mean over all of it (gathered), as in a single process; None: fake_img is the whole batch.
     """
+    if noise is None and batch is not None:
+        noise = torch.randn(batch, *fake_img.shape[1:], device=fake_img.device)[rows(batch)] / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
     if noise is None:
         noise = torch.randn_like(fake_img) / math.sqrt(fake_img.shape[2] * fake_img.shape[3])
     # J_w^T y, with y ~ N(0, I) / sqrt(H W)
     (grad,) = torch.autograd.grad((fake_img * noise).sum(), latents, create_graph=True)  # [B, n_latent, D]
     # ||J_w^T y|| per sample, root of the mean over the W+ rows of the squared norms
     path_lengths = torch.sqrt(grad.pow(2).sum(2).mean(1))  # [B]
-    # a <- a + decay (mean ||J^T y|| - a)
-    path_mean = mean_path_length + decay * (path_lengths.mean() - mean_path_length)
+    # a <- a + decay (mean ||J^T y|| - a), the mean over the global batch
+    all_lengths = path_lengths if batch is None else gather(path_lengths, batch)  # [B_global]
+    path_mean = mean_path_length + decay * (all_lengths.mean() - mean_path_length)
     # (||J_w^T y|| - a)^2
     path_penalty = (path_lengths - path_mean).pow(2).mean()
     return path_penalty, path_mean.detach(), path_lengths
@@ -443,17 +744,23 @@ def add_common_args(parser, origin="official code", **defaults):
     parser.add_argument("--target", default=None, help="folder of target images (png/jpg/jpeg/webp/bmp); without --source and --target: the demo")
     parser.add_argument("--out", default=d["out"], help="run folder (default: runs/<method>-<target name>)")
     parser.add_argument("--iter", type=int, default=d["iter"], help=f"training iterations (default {d['iter']}: {origin})")
-    parser.add_argument("--batch", type=int, default=d["batch"], help=f"batch size (default {d['batch']}: {origin})")
+    parser.add_argument("--batch", type=int, default=d["batch"],
+                        help=f"batch size (default {d['batch']}: {origin}); under torchrun the global batch, split across the processes, "
+                             "so a run means the same at any process count")
     parser.add_argument("--lr", type=float, default=d["lr"], help=f"base learning rate before lazy-regularisation scaling (default {d['lr']}: {origin})")
     parser.add_argument("--seed", type=int, default=d["seed"], help=f"seed of torch, numpy and random (default {d['seed']}: {origin}, torch.manual_seed)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--precision", choices=PRECISIONS, default="default",
+                        help="on a GPU: default (PyTorch's own settings: TF32 convolutions on Ampere and newer, float32 matmuls; default), "
+                             "fp32 (no TF32), tf32 (TF32 convolutions and matmuls), bf16 (G and D forwards under bfloat16 autocast, "
+                             "losses and regularisers in float32); on the CPU only default and fp32")
     parser.add_argument("--sample-every", type=int, default=d["sample_every"], help=f"iterations between sample grids (default {d['sample_every']}: {origin}, img_freq)")
     parser.add_argument("--save-every", type=int, default=d["save_every"], help=f"iterations between checkpoints (default {d['save_every']}: {origin}, save_freq)")
     parser.add_argument("--n-sample", type=int, default=d["n_sample"], help=f"images per sample grid (default {d['n_sample']}: {origin}, n_sample)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue a run from a checkpoint path, or with no value from the latest checkpoint of --out (or of the "
                              "default run folder); the run keeps its settings and its run folder (with --out DIR: continued in DIR, "
-                             "the original left untouched); --iter, --device, --sample-every and --save-every may change")
+                             "the original left untouched); --iter, --device, --precision, --sample-every and --save-every may change")
     parser.add_argument("--demo", action="store_true",
                         help="the demo's settings (toy-face source, the demo's toy networks and schedule) also with --target or --source "
                              "given, e.g. another toy target set (demo/testbed.py); without --source and --target the demo is the default")
@@ -463,7 +770,7 @@ def add_common_args(parser, origin="official code", **defaults):
 
 
 # options a resumed run may change; every other option keeps the value the run was started with
-RESUME_MAY_CHANGE = ("iter", "device", "sample_every", "save_every", "out", "resume", "overwrite")
+RESUME_MAY_CHANGE = ("iter", "device", "precision", "sample_every", "save_every", "out", "resume", "overwrite")
 
 
 def explicit_options(parser, argv):
@@ -573,7 +880,7 @@ def resume_args(parser, argv, args, method):
         if value != old:
             option = "--" + name.replace("_", "-")
             raise UserError(f"{option} {value} differs from the resumed run's {old}; a resumed run keeps its settings "
-                            "(only --iter, --device, --sample-every, --save-every, --out may change)")
+                            "(only --iter, --device, --precision, --sample-every, --save-every, --out may change)")
     run_folder = checkpoint_run_folder(path)
     if given.get("out") is None:
         if run_folder is None:
@@ -585,7 +892,7 @@ def resume_args(parser, argv, args, method):
     resumed = argparse.Namespace(**values)
     resumed.resume = path
     # what the next resume starts from: the original options with this resume's new schedule
-    resumed.run_args = dict(stored, **{k: v for k, v in given.items() if k in ("iter", "device", "sample_every", "save_every")})
+    resumed.run_args = dict(stored, **{k: v for k, v in given.items() if k in ("iter", "device", "precision", "sample_every", "save_every")})
     return resumed
 
 
@@ -596,11 +903,13 @@ def check_common_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.batch % world_size():
+        raise UserError(f"--batch {args.batch} is the global batch, split across the {world_size()} processes: use a multiple of {world_size()}")
 
 
 def finish_args(args):
     """The last step of every method's parse_args, once its options are valid: the run folder and the demo
-    banner. A resumed run keeps the folder `resume_args` chose. A new run with the default folder
+    banner (rank 0's, under torchrun). A resumed run keeps the folder `resume_args` chose. A new run with the default folder
     (runs/<method>-<target>, runs/<method>-demo) takes the first of <name>, <name>-2, <name>-3, ... that holds
     no run; an explicit --out that holds a run is refused unless --overwrite, so no run ever writes over
     another. Nothing is created on disk here: files appear when the run writes its first output."""
@@ -614,10 +923,10 @@ def finish_args(args):
         elif holds_run(args.out) and not args.overwrite:
             raise UserError(f"--out {args.out} already holds a run (log.csv, checkpoints): continue it with --resume, "
                             "choose another --out, or add --overwrite to replace it")
-        elif args.overwrite:
+        elif args.overwrite and is_main():
             clear_run(args.out)
     args.run_args["out"] = args.out
-    if args.demo and args.resume is None:
+    if args.demo and args.resume is None and is_main():
         print(f"demo: {args.demo_why}, so adapting {os.path.relpath(args.source)} with the demo's settings "
               f"to {os.path.relpath(args.target)} for {args.iter} iterations into {args.out} (README, 'Demo')", file=sys.stderr)
     return args
@@ -665,11 +974,14 @@ class CSVLog:
 
     A resumed run (resume_from = the iteration it continues at) keeps the rows before that iteration of the
     log of the checkpoint's run (`resumed_checkpoint`'s <run>/log.csv): in place when that is this log, as a
-    copy when the run continues in another folder, whose original log is then only read."""
+    copy when the run continues in another folder, whose original log is then only read. Under torchrun only rank 0
+    touches the file (the values it writes are already averaged over the processes)."""
 
     def __init__(self, path, resume_from=None, resumed_checkpoint=None):
         self.path = path
         self.columns = None
+        if not is_main():
+            return
         if resume_from is None:
             if os.path.exists(path):
                 os.remove(path)
@@ -687,6 +999,8 @@ class CSVLog:
                     csv.writer(f).writerows(kept)
 
     def write(self, i, values):
+        if not is_main():
+            return
         row = {"iter": i, **{k: float(v) for k, v in values.items()}}
         if self.columns is None:
             self.columns = list(row)
@@ -710,8 +1024,11 @@ def image_grid(images, nrow):
 
 
 def save_png(path, grid):
+    """Writes the PNG (rank 0 only under torchrun)."""
     from PIL import Image
 
+    if not is_main():
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
@@ -727,8 +1044,10 @@ def save_comparison_grid(path, source_images, adapted_images, nrow=None):
 
 def save_checkpoint(path, state):
     """torch.save to a temporary file in the same folder, then an atomic rename: never a half-written file
-    (stylegan2.save_atomically, which `python stylegan2.py convert` uses too)."""
-    save_atomically(state, path)
+    (stylegan2.save_atomically, which `python stylegan2.py convert` uses too). Rank 0 only under torchrun: every
+    process holds the same state."""
+    if is_main():
+        save_atomically(state, path)
 
 
 _last_training_checkpoint = {}
@@ -760,10 +1079,12 @@ def _file_key(path):
 
 
 def resume_command(script, checkpoint):
-    """The command that continues a run from `checkpoint`, with absolute paths: it works as printed from any folder."""
+    """The command that continues a run from `checkpoint`, with absolute paths: it works as printed from any folder.
+    Under torchrun, a torchrun command with this node's process count (any count gives the same run)."""
     import shlex
 
-    return f"python {shlex.quote(os.path.abspath(script))} --resume {shlex.quote(os.path.abspath(checkpoint))}"
+    launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world_size())}"
+    return f"{launcher} {shlex.quote(os.path.abspath(script))} --resume {shlex.quote(os.path.abspath(checkpoint))}"
 
 
 def resolve_resume(resume, run_dir):
@@ -832,7 +1153,9 @@ def restore_training_state(state, g, g_ema, d, g_optim, d_optim):
 
 class StopOnInterrupt:
     """Ctrl-C (SIGINT) only sets `.requested`; the training loop checks it after each iteration, writes a
-    checkpoint and exits cleanly, so no iteration is left half-done. A second Ctrl-C aborts at once."""
+    checkpoint and exits cleanly, so no iteration is left half-done. A second Ctrl-C aborts at once. Under torchrun,
+    torchrun passes the Ctrl-C on to every process, each at its own moment: the loop asks `any_process`, so all stop
+    after the same iteration, and rank 0 writes the checkpoint (within torchrun's 30 s before it kills them)."""
 
     def __enter__(self):
         import signal
@@ -844,7 +1167,8 @@ class StopOnInterrupt:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            print("\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to abort)", file=sys.stderr)
+            if is_main():
+                print("\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to abort)", file=sys.stderr)
 
         try:
             signal.signal(signal.SIGINT, handler)
@@ -868,10 +1192,11 @@ def check_discriminator_batch(batch):
 
 
 def progress_bar(start, total):
-    """tqdm over iterations [start, total); call .set_postfix_str(format_losses(...)) with the current losses."""
+    """tqdm over iterations [start, total); call .set_postfix_str(format_losses(...)) with the current losses. Shown
+    by rank 0 only under torchrun."""
     from tqdm import tqdm
 
-    return tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, smoothing=0.05)
+    return tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True, smoothing=0.05, disable=not is_main())
 
 
 def format_losses(values):

@@ -451,7 +451,7 @@ def prompt_embeddings(text_tower, text, vocab, templates=NADA_TEMPLATES):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.init_device(args.device, args.precision)
     common.seed_everything(args.seed)
     nada, text = args.baseline == "nada", args.target_text is not None
     select = nada and args.auto_layer_iters > 0  # NADA's adaptive layer selection
@@ -518,6 +518,9 @@ def main(argv=None):
                             f"and --num-keep-first {args.num_keep_first}")
     if not nada and args.num_keep_first > n_latent:
         raise UserError(f"--num-keep-first {args.num_keep_first} exceeds the generator's {n_latent} W+ layers")
+
+    # SHARED: --precision bf16 autocasts the generators
+    common.autocast_forwards(args.precision, g_source, generator)
 
     g_optim = common.make_adam(params, args.lr, args.g_reg_every)
     queues = CodeQueues(args.sliding_window_size)
@@ -597,6 +600,14 @@ def main(argv=None):
             adapted = generator([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0]
         common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
 
+    def e4e_codes(x):
+        """The kept e4e codes [B, K] of the global batch from this process's rows x [B/N, 3, H, W]: each process
+        encodes its rows and the codes are gathered; with --e4e-bn train, whose BatchNorm pools the batch, the
+        images are gathered first and every process encodes the whole batch."""
+        if args.e4e_bn == "train":
+            return encoder(e4e_input(common.gather(x, args.batch), encoder.size, antialias))[:, :args.num_keep_first].flatten(1)
+        return common.gather(encoder(e4e_input(x, encoder.size, antialias))[:, :args.num_keep_first].flatten(1), args.batch)
+
     def selection_loss(w_plus):
         """L_sel(w+) = sum_m c_m mean_b 1 - cos(E_m(G_B(w+)), t_m), w+ [B, L, D] (random noise, truncation 1)."""
         x, _ = generator([w_plus], input_is_latent=True)
@@ -621,8 +632,8 @@ def main(argv=None):
                 losses["select"] = select_loss.item()
             with torch.no_grad():
                 w = g_source.get_latent(z)  # [B, D]
-                x_a, _ = g_source([w], input_is_latent=True)
-            x_b, _ = generator([w], input_is_latent=True)
+                x_a, _ = common.generate_rows(g_source, [w], input_is_latent=True)  # [B/N, 3, H, W]: this process's rows
+            x_b, _ = common.generate_rows(generator, [w], input_is_latent=True)  # [B/N, 3, H, W]
 
             # METHOD: global and local CLIP losses, tokens from the same forward as E(x_B)
             global_loss, local_loss, clip_total = (torch.zeros((), device=device) for _ in range(3))
@@ -635,15 +646,16 @@ def main(argv=None):
                 clip_total = clip_total + weight * args.lambda_direction * (g_m + args.lambda_partial * l_m)
                 global_loss, local_loss = global_loss + weight * g_m.detach(), local_loss + weight * l_m.detach()
 
-            # METHOD: selective cross-domain consistency (queues filled every step, ramped weight)
+            # METHOD: selective cross-domain consistency (queues filled every step, ramped weight). The queues hold
+            # means over the batch: under torchrun the codes of the global batch, gathered (autograd flows back to each
+            # process's rows), so every process computes the single-process L_scc (common.py, 'Several processes')
             ramp = 0.0 if nada else scc_ramp(i, args.iter, args.sliding_window_size)
             scc = torch.zeros((), device=device)
             if encoder is not None:
-                keep = args.num_keep_first
                 with torch.no_grad():
-                    codes_a = encoder(e4e_input(x_a, encoder.size, antialias))[:, :keep].flatten(1)  # [B, K]
+                    codes_a = e4e_codes(x_a)  # [B, K]
                 with torch.set_grad_enabled(ramp > 0):
-                    codes_b = encoder(e4e_input(x_b, encoder.size, antialias))[:, :keep].flatten(1)  # [B, K]
+                    codes_b = e4e_codes(x_b)  # [B, K]
                 queues.push(codes_a, codes_b)
                 scc = scc_loss(codes_b, codes_a, scc_mask(queues.delta_w(), args.psp_alpha))
             loss = clip_total if nada else clip_total + args.psp_model_weight * ramp * scc
@@ -653,7 +665,7 @@ def main(argv=None):
                 for p in params:  # layers not chosen: zero gradients, no update (Adam's beta1 = 0), as the release
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-            g_optim.step()
+            common.step(g_optim)
 
             # SHARED: logging, samples, checkpoints
             losses = {"loss": loss.item(), "global": global_loss.item(), **losses}
@@ -661,13 +673,14 @@ def main(argv=None):
                 losses["local"] = local_loss.item()
             if not nada:
                 losses.update(scc=scc.item(), scc_ramp=ramp)
+            losses = common.mean_over_processes(losses)
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if interrupt.requested:
+            if common.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
                 print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")

@@ -33,6 +33,9 @@ Generators are the `g_ema` of each checkpoint (rosinality format or ours). Trunc
 generator's mean w (4096 samples) for every model, as CDC's generate.py. Generated images are quantised to
 8 bits exactly as a saved PNG would be before any metric sees them.
 
+Under torchrun (`torchrun --nproc_per_node N -- evaluate.py fid ...`) the metric commands shard their sampling and
+feature extraction across the processes and print the numbers of the single-process run (SHARDED_COMMANDS).
+
 Pretrained weights come the standard way (torch hub cache: pytorch-fid's `pt_inception-2015-12-05-*.pth`,
 torchvision's Inception-v3 and VGG16); when missing and not downloadable the command stops with one line
 saying which file to put where. `--random-weights` builds the same networks randomly initialised, for tests only.
@@ -152,15 +155,29 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(g, z, batch, truncation=1.0, w_avg=None, noise=None, progress=None):
-    """uint8 images [N, 3, H, W] on the CPU for latents z [N, D]; noise: fixed maps or None (random)."""
+def generate(g, z, batch, truncation=1.0, w_avg=None, noise=None, progress=None, features=None):
+    """uint8 images [N, 3, H, W] on the CPU for latents z [N, D], in chunks of `batch`; noise: fixed maps or None
+    (random). features: a function of a chunk's uint8 images (e.g. pool3 features, `inception_batch`): then its
+    results, concatenated, in place of the images, and no more than a chunk of images is ever held.
+
+    Under torchrun each process renders a contiguous share of the chunks (common.shard) and the results are
+    gathered in chunk order, in every process. Every process draws the random noise of every chunk, in order, so
+    each chunk gets the noise it gets in a single process, and the results are the single-process ones."""
+    starts = range(0, len(z), batch)
+    mine = common.shard(len(starts))
     out = []
-    for start in tqdm(range(0, len(z), batch), desc=progress, disable=progress is None, leave=False):
-        chunk = z[start : start + batch]
-        images, _ = g([chunk], truncation=truncation, truncation_latent=w_avg, noise=noise,
+    for k in tqdm(range(len(starts)), desc=progress, disable=progress is None or not common.is_main(), leave=False):
+        chunk = z[starts[k] : starts[k] + batch]
+        chunk_noise = noise
+        if noise is None and common.world_size() > 1:
+            chunk_noise = common.noise_maps(g, len(chunk))  # the forward's own draw, made here for every chunk
+        if k not in mine:
+            continue
+        images, _ = g([chunk], truncation=truncation, truncation_latent=w_avg, noise=chunk_noise,
                       randomize_noise=noise is None)
-        out.append(to_uint8(images).cpu())
-    return torch.cat(out)
+        images = to_uint8(images).cpu()
+        out.append(images if features is None else features(images))
+    return common.gather_rows(torch.cat(out) if out else None)
 
 
 def read_folder(path):
@@ -196,15 +213,22 @@ def _batches_by_size(images, batch):
 
 
 @torch.no_grad()
+def inception_batch(model, images, device):
+    """Pool3 features [b, dims] (float64, CPU) of uint8 images [b, 3, H, W], fed as pytorch-fid feeds files (x / 255)."""
+    pred = model(images.to(device).float() / 255)[0]  # [b, dims, 1, 1]
+    if pred.shape[2] != 1 or pred.shape[3] != 1:  # an earlier block (--dims < 2048): average over positions
+        pred = F.adaptive_avg_pool2d(pred, (1, 1))
+    return pred.squeeze(3).squeeze(2).cpu().double()  # [b, dims]
+
+
 def inception_features(model, images, batch, device, desc=None):
-    """Pool3 features [N, 2048] (float64 numpy) of uint8 images, fed as pytorch-fid feeds files (x / 255)."""
-    feats = []
-    for chunk in tqdm(list(_batches_by_size(images, batch)), desc=desc, disable=desc is None, leave=False):
-        pred = model(chunk.to(device).float() / 255)[0]  # [b, dims, 1, 1]
-        if pred.shape[2] != 1 or pred.shape[3] != 1:  # an earlier block (--dims < 2048): average over positions
-            pred = F.adaptive_avg_pool2d(pred, (1, 1))
-        feats.append(pred.squeeze(3).squeeze(2).cpu().double().numpy())
-    return np.concatenate(feats)
+    """Pool3 features [N, 2048] (float64 numpy) of uint8 images, in batches of equally sized images; under
+    torchrun each process computes a contiguous share of the batches and the features are gathered, in order."""
+    chunks = list(_batches_by_size(images, batch))
+    mine = common.shard(len(chunks))
+    feats = [inception_batch(model, chunk, device)
+             for k, chunk in enumerate(tqdm(chunks, desc=desc, disable=desc is None or not common.is_main(), leave=False)) if k in mine]
+    return common.gather_rows(torch.cat(feats) if feats else None).numpy()
 
 
 def feature_statistics(feats):
@@ -229,16 +253,17 @@ def real_statistics(folder, model, batch, device, cache_dir=CACHE_DIR, weights_t
         stat = os.stat(file)
         key.update(f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     cache = os.path.join(cache_dir, f"fid_stats_{key.hexdigest()[:16]}.npz")
-    if os.path.exists(cache):
+    if not common.any_process(not os.path.exists(cache)):  # under torchrun: used when every process has it
         data = np.load(cache)
         return data["mu"], data["sigma"], int(data["n"])
     _, images = read_folder(folder)
     feats = inception_features(model, images, batch, device, desc="real images")
     mu, sigma = feature_statistics(feats)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, n=len(files))
-    os.replace(tmp, cache)
+    if common.is_main():
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, mu=mu, sigma=sigma, n=len(files))
+        os.replace(tmp, cache)
     return mu, sigma, len(files)
 
 
@@ -267,16 +292,18 @@ def kernel_inception_distance(feats_real, feats_fake, n_subsets=100, subset_size
 
 @torch.no_grad()
 def inception_probabilities(model, images, batch, device, resize=False):
-    """softmax class probabilities [N, 1000] of uint8 images mapped to [-1, 1] (optionally resized to 299)."""
+    """softmax class probabilities [N, 1000] of uint8 images mapped to [-1, 1] (optionally resized to 299); under
+    torchrun each process computes a contiguous share of the batches and the results are gathered, in order."""
     if not resize and min(min(image.shape[-2:]) for image in images) < 75:
         raise UserError("the Inception Score at native size needs images of at least 75 px; use --resize (299 px)")
+    chunks = list(_batches_by_size(images, batch))
     probs = []
-    for chunk in _batches_by_size(images, batch):
-        x = chunk.to(device).float() / 127.5 - 1  # [b, 3, H, W] in [-1, 1]
+    for k in common.shard(len(chunks)):
+        x = chunks[k].to(device).float() / 127.5 - 1  # [b, 3, H, W] in [-1, 1]
         if resize:
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         probs.append(F.softmax(model(x), dim=1).cpu().double())
-    return torch.cat(probs).numpy()
+    return common.gather_rows(torch.cat(probs) if probs else None).numpy()
 
 
 def inception_score(probs, splits=10):
@@ -323,10 +350,12 @@ def lpips_from_features(model, feats_a, feats_b):
 
 @torch.no_grad()
 def assign_clusters(model, generated, centers, batch, device, size=256):
-    """Index of the training image with the smallest LPIPS to each generated image [N]."""
+    """Index of the training image with the smallest LPIPS to each generated image [N]; under torchrun each process
+    assigns a contiguous share of the batches and the indices are gathered, in order."""
     center_feats = lpips_features(model, _lpips_input(centers, size).to(device))
+    starts = range(0, len(generated), batch)
     assignment = []
-    for start in tqdm(range(0, len(generated), batch), desc="assigning", leave=False):
+    for start in tqdm([starts[k] for k in common.shard(len(starts))], desc="assigning", disable=not common.is_main(), leave=False):
         feats = lpips_features(model, _lpips_input(generated[start : start + batch], size).to(device))
         b = feats[0].shape[0]
         dist = torch.stack([
@@ -334,22 +363,26 @@ def assign_clusters(model, generated, centers, batch, device, size=256):
             for k in range(len(centers))
         ], 1)  # [b, K]
         assignment.append(dist.argmin(1).cpu())
-    return torch.cat(assignment)
+    return common.gather_rows(torch.cat(assignment) if assignment else None)
 
 
 @torch.no_grad()
 def intra_cluster_lpips(model, generated, assignment, n_clusters, device, cluster_size=50, seed=0, batch=32, size=256):
     """Per-cluster mean pairwise LPIPS over at most `cluster_size` members (seeded choice, as the official
     random.shuffle + first 50). Returns (mean, std over clusters with >= 2 members, per-cluster values with
-    NaN for clusters with fewer than 2 members, member counts)."""
+    NaN for clusters with fewer than 2 members, member counts). Under torchrun each process computes a contiguous
+    share of the clusters (every process draws every cluster's shuffle, in order) and the values are gathered."""
     rng = random.Random(seed)
+    mine = common.shard(n_clusters)
     per_cluster = []
     counts = []
-    for k in tqdm(range(n_clusters), desc="IC-LPIPS clusters", leave=False):
+    for k in tqdm(range(n_clusters), desc="IC-LPIPS clusters", disable=not common.is_main(), leave=False):
         members = (assignment == k).nonzero().squeeze(1).tolist()
         counts.append(len(members))
         rng.shuffle(members)
         members = members[:cluster_size]
+        if k not in mine:
+            continue
         if len(members) < 2:
             per_cluster.append(float("nan"))
             continue
@@ -360,6 +393,7 @@ def intra_cluster_lpips(model, generated, assignment, n_clusters, device, cluste
             i, j = pairs[0, start : start + batch], pairs[1, start : start + batch]
             dists.append(lpips_from_features(model, [f[i] for f in feats], [f[j] for f in feats]))
         per_cluster.append(torch.cat(dists).mean().item())
+    per_cluster = common.gather_rows(torch.tensor(per_cluster, dtype=torch.float64)).tolist()
     valid = [v for v in per_cluster if not math.isnan(v)]
     mean = float(np.mean(valid)) if valid else float("nan")
     std = float(np.std(valid)) if valid else float("nan")
@@ -777,7 +811,7 @@ def metrics_for(path, args, device, real_stats=None, fid_model=None, lpips_model
     Inception or None) for the pair columns."""
     g = load_generator(path, device)
     z = latents(args.n, g.style_dim, args.seed, device)
-    generated = generate(g, z, args.batch, progress=f"generating ({os.path.basename(path)})")
+    generated = generate(g, z, args.batch, progress=f"generating ({os.path.basename(path)})")  # every image (IC-LPIPS, IS, pairs)
     result = {}
     if fid_model is not None:
         feats = inception_features(fid_model, list(generated), args.batch, device, desc="fid features")
@@ -808,11 +842,14 @@ def cmd_fid(args, device):
     if args.fake:
         _, images = read_folder(args.fake)
         source = args.fake
+        feats = inception_features(model, images, args.batch, device, desc="fid features")
     else:
         g = load_generator(args.ckpt, device)
-        images = list(generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating"))
-        source = f"{len(images)} samples of {args.ckpt}"
-    mu_f, sigma_f = feature_statistics(inception_features(model, images, args.batch, device, desc="fid features"))
+        # each chunk's pool3 features as it is generated: no more than a chunk of images is held (5000+ samples)
+        feats = generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating",
+                         features=lambda images: inception_batch(model, images, device)).numpy()
+        source = f"{len(feats)} samples of {args.ckpt}"
+    mu_f, sigma_f = feature_statistics(feats)
     fid = frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
     print(f"FID {fid:.4f}  ({source} vs {n_real} real images in {args.real})")
     if n_real < 1000:
@@ -827,8 +864,8 @@ def real_and_generated_features(args, device, command):
     _, real = read_folder(args.real)
     feats_real = inception_features(model, real, args.batch, device, desc="real features")
     g = load_generator(args.ckpt, device)
-    fake = list(generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating"))
-    feats_fake = inception_features(model, fake, args.batch, device, desc="fake features")
+    feats_fake = generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating",
+                          features=lambda images: inception_batch(model, images, device)).numpy()
     return feats_real, feats_fake
 
 
@@ -891,11 +928,12 @@ def cmd_compare(args, device):
                                                    centers, is_model, real_feats, pairing)})
     table = markdown_table(rows)
     print(table)
-    with open(args.csv, "w", newline="") as f:
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    if common.is_main():
+        with open(args.csv, "w", newline="") as f:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
     print(f"wrote {args.csv}")
     return rows
 
@@ -1201,9 +1239,15 @@ def parse_args(argv=None):
     return args
 
 
+# the commands that shard their sampling and features under torchrun; the others write pictures or codes, in one process
+SHARDED_COMMANDS = ("fid", "kid", "is", "iclpips", "density-coverage", "pair", "compare")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    if common.world_size() > 1 and args.command not in SHARDED_COMMANDS:
+        raise UserError(f"evaluate.py {args.command} runs in one process (python evaluate.py ...); under torchrun: {', '.join(SHARDED_COMMANDS)}")
+    device = common.init_device(args.device)
     torch.manual_seed(getattr(args, "seed", 0))
     handlers = {"fid": cmd_fid, "kid": cmd_kid, "is": cmd_is, "iclpips": cmd_iclpips, "compare": cmd_compare,
                 "grid": cmd_grid, "interpolate": cmd_interpolate, "export": cmd_export, "pair": cmd_pair,

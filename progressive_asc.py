@@ -413,7 +413,7 @@ def default_asc_layers(g, rule="official"):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.init_device(args.device, args.precision)
     common.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
@@ -444,6 +444,10 @@ def main(argv=None):
     head = common.make_patch_head(discriminator).to(device)
     if args.highp > len(patch_maps):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
+
+    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
+    common.distribute_discriminator(discriminator)
+    common.autocast_forwards(args.precision, g_source, g_ema, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
@@ -515,18 +519,17 @@ def main(argv=None):
                 return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
             # SHARED: D step
-            real_img = next(sampler)  # [B, 3, H, W]
+            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = generator(sample_latents(args.batch))
+                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            d_optim.step()
-            e_optim.step()
+            common.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -538,8 +541,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                d_optim.step()
-                e_optim.step()
+                common.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -547,11 +549,13 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = generator(sample_latents(args.batch))
+            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
-            # METHOD: ASC forwards first on a fresh batch z ~ N(0, I); the CPU flow (5) runs while IDC computes
+            # METHOD: ASC forwards first on a fresh batch z ~ N(0, I); the CPU flow (5) runs while IDC computes. Under
+            # torchrun every process computes L_idc and L_asc on all N latents, identically (ASC draws its point pairs
+            # per sample from the flow and edge maps of the whole batch): the single-process losses, not split
             asc_loss = torch.zeros((), device=device)
             if not args.no_asc:
                 z_asc = torch.randn(args.feat_const_batch, latent_dim, device=device)  # [B, D]
@@ -589,29 +593,29 @@ def main(argv=None):
             # (10) L_G + lambda_prog (L_idc + lambda_asc L_asc); one term: L_idc and L_asc can share G_n's forward
             terms.add(args.kl_wt * (dist_loss + ASC_WEIGHT_FACTOR * args.lfcw * asc_loss))
             terms.backward()
-            g_optim.step()
+            common.step(g_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = generator(common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length)
+                fake_img, latents = common.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                g_optim.step()
+                common.step(g_optim)
 
             # SHARED: EMA (G_{n-alpha} <- d G_{n-alpha} + (1 - d) G_n), logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = {"d": d_loss.item(), "g": g_loss.item(), "idc": dist_loss.item(), "asc": asc_loss.item(), "r1": r1_loss.item(),
-                      "path": path_loss.item(), "mean_path": mean_path_length.item()}
+            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "idc": dist_loss.item(), "asc": asc_loss.item(),
+                                                 "r1": r1_loss.item(), "path": path_loss.item(), "mean_path": mean_path_length.item()})
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if interrupt.requested:
+            if common.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
                 print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")

@@ -411,7 +411,8 @@ def span_indices(spec, names):
 def target_codes(args, g, dataset, run, device):
     """The target images' W+ codes [N, n_latent, D], keyed by file name in <out>/target_codes.pt: reused when
     present (and made with the same settings), otherwise (or with --reinvert) inverted and written with a
-    reconstruction grid. Runs on its own seeded RNG stream, so training draws the same either way."""
+    reconstruction grid. Runs on its own seeded RNG stream, so training draws the same either way. Under torchrun
+    every process inverts (the same codes) and rank 0 writes the cache."""
     path = os.path.join(run.root, "target_codes.pt")
     names = [os.path.basename(f) for f in dataset.files]
     settings = {"steps": args.invert_steps, "lr": args.invert_lr, "resize": args.invert_resize,
@@ -448,7 +449,7 @@ def target_codes(args, g, dataset, run, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.init_device(args.device, args.precision)
     common.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
@@ -471,6 +472,10 @@ def main(argv=None):
         raise UserError(f"RSSA's windows need a generator of at least 32 px, this one is {generator.size} px")
     blend = slot_blend(args.blend, generator.n_latent, generator.size).to(device)  # [n_latent]
     scc_layers, dcc_layers, dcc_grids = structure_layers(generator)
+
+    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
+    common.distribute_discriminator(discriminator)
+    common.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
@@ -555,18 +560,17 @@ def main(argv=None):
                 return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
             # SHARED: D step
-            real_img = next(sampler)  # [B, 3, H, W]
+            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = generator(sample_latents(args.batch), input_is_latent=True)
+                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            d_optim.step()
-            e_optim.step()
+            common.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -578,8 +582,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                d_optim.step()
-                e_optim.step()
+                common.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -587,20 +590,22 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = generator(sample_latents(args.batch), input_is_latent=True)
+            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
-            # METHOD: self-correlation consistency on N fresh z through P, fixed noise
+            # METHOD: self-correlation consistency on N fresh z through P, fixed noise (per sample: each process its rows)
             scc_loss = torch.zeros((), device=device)
             path_z = None  # the latents the official path-length step reuses
             if not args.no_scc:
                 path_z = torch.randn(n_const, latent_dim, device=device)  # [N, D]
                 with torch.no_grad():
                     w_src = latents_wplus(g_source, [path_z], projectors, blend)  # [N, L, D], G_s's own mapping
-                    _, feats_src = g_source([w_src], input_is_latent=True, randomize_noise=False, return_feats=True, feats_upto=scc_layers[-1])
+                    _, feats_src = common.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
+                                                        feats_upto=scc_layers[-1])
                 w_tgt = latents_wplus(generator, [path_z], projectors, blend)  # [N, L, D], G_t's mapping
-                _, feats_tgt = generator([w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True, feats_upto=scc_layers[-1])
+                _, feats_tgt = common.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+                                                    feats_upto=scc_layers[-1])
                 scc_loss = self_correlation_loss([feats_src[k] for k in scc_layers], [feats_tgt[k] for k in scc_layers])
                 terms.add(args.scc_wt * scc_loss)
 
@@ -615,14 +620,19 @@ def main(argv=None):
                 dcc_projectors = projectors if args.dcc_compress else None
                 with torch.no_grad():
                     w_src = latents_wplus(g_source, [z], dcc_projectors, blend)  # [N, L, D]
-                    _, feats_src = g_source([w_src], input_is_latent=True, randomize_noise=False, return_feats=True, feats_upto=dcc_layers[-1])
+                    _, feats_src = common.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
+                                                        feats_upto=dcc_layers[-1])
                 w_tgt = latents_wplus(generator, [z], dcc_projectors, blend)  # [N, L, D]
-                _, feats_tgt = generator([w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True, feats_upto=dcc_layers[-1])
+                _, feats_tgt = common.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+                                                    feats_upto=dcc_layers[-1])
+                # L_dcc couples the N latents (pairs j < k): every process's rows gathered (autograd flows back to each),
+                # so every process computes the single-process loss of all N (common.py, 'Several processes')
+                feats_src, feats_tgt = common.gather(feats_src, n_const), common.gather(feats_tgt, n_const)
                 dcc_loss = disturbance_correlation_loss(feats_src, feats_tgt, dcc_grids)
                 terms.add(args.dcc_wt * dcc_loss)
             # L_G + lambda_scc L_scc + lambda_dcc L_dcc, term by term
             terms.backward()
-            g_optim.step()
+            common.step(g_optim)
 
             # SHARED: lazy path-length regularisation, through P (official: on the structure losses' codes)
             path_loss = torch.zeros((), device=device)
@@ -632,23 +642,24 @@ def main(argv=None):
                     zs = common.mixing_noise(path_batch, latent_dim, args.mixing, device)
                 else:
                     zs = [path_z]
-                fake_img, latents = generator([latents_wplus(generator, zs, projectors, blend, args.mixing_fix)], input_is_latent=True, return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length)
+                fake_img, latents = common.generate_rows(generator, [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)],
+                                                         input_is_latent=True, return_latents=True)
+                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=len(zs[0]))
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                g_optim.step()
+                common.step(g_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = {"d": d_loss.item(), "g": g_loss.item(), "scc": scc_loss.item(), "dcc": dcc_loss.item(), "r1": r1_loss.item(),
-                      "path": path_loss.item(), "mean_path": mean_path_length.item()}
+            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "scc": scc_loss.item(), "dcc": dcc_loss.item(),
+                                                 "r1": r1_loss.item(), "path": path_loss.item(), "mean_path": mean_path_length.item()})
             pbar.set_postfix_str(common.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if interrupt.requested:
+            if common.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
                 print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")

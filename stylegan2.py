@@ -83,6 +83,7 @@ class _ConstantWeightConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, groups = ctx.conv
+        weight = weight.to(grad.dtype)  # under bfloat16 autocast (--precision bf16) the forward convolved in bfloat16
         return torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, 1, groups), None, None, None, None, None
 
 
@@ -672,6 +673,9 @@ class Discriminator(nn.Module):
 
         self.stddev_group = stddev_group
         self.stddev_feat = 1
+        # None: the stddev groups are formed over the batch D is given. Under torchrun, common.distribute_discriminator
+        # sets a function x -> (the global batch gathered over the processes, this process's rows of it)
+        self.batch_gather = None
         self.final_conv = ConvLayer(in_channel + 1, channels[4], 3, clamp=conv_clamp)
         self.final_linear = nn.Sequential(
             EqualLinear(channels[4] * 4 * 4, channels[4], activation="fused_lrelu"),
@@ -695,16 +699,19 @@ class Discriminator(nn.Module):
         return shapes
 
     def minibatch_stddev(self, out):
-        batch, channel, height, width = out.shape
+        pooled, rows = (out, None) if self.batch_gather is None else self.batch_gather(out)
+        batch, channel, height, width = pooled.shape
         group = batch if self.stddev_group is None else min(batch, self.stddev_group)
         if batch % group:
             raise ValueError(f"discriminator batch {batch} is not divisible by its stddev group {group}")
         # sample b is pooled with the samples having the same b mod (B / group)
-        stddev = out.view(group, -1, self.stddev_feat, channel // self.stddev_feat, height, width)
+        stddev = pooled.view(group, -1, self.stddev_feat, channel // self.stddev_feat, height, width)
         # sigma = sqrt(Var_group + 1e-8), averaged over (C, H, W)
         stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8)  # [B/group, F, C/F, H, W]
         stddev = stddev.mean([2, 3, 4], keepdim=True).squeeze(2)  # [B/group, F, 1, 1]
         stddev = stddev.repeat(group, 1, height, width)  # [B, F, H, W]
+        if rows is not None:
+            stddev = stddev[rows]  # [B/N, F, H, W], this process's rows of the global batch
         return torch.cat([out, stddev], 1)
 
     def forward(self, input, return_feats=False):
