@@ -412,7 +412,8 @@ def cell(value):
     mean, std, n = value
     if mean != mean:
         return ""
-    return f"{mean:.3g} ± {std:.2g}" if n > 1 else f"{mean:.3g}"
+    text = f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.3g}"  # iteration counts in full
+    return f"{text} ± {std:.2g}" if n > 1 else text
 
 
 def markdown(rows, columns):
