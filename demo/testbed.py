@@ -246,7 +246,8 @@ def train(run, args, source=None):
 
 # The papers' claims the testbed tests: (paper, claim, the paper's own evidence, the test: a function of
 # value(shots, name, column) -> (verdict, numbers); value gives the mean over seeds or None when not run).
-# The papers' numbers are from their tables as we read them; the verdicts only use the testbed's.
+# The evidence column names the paper's table or figure and the direction of its result; the papers' numbers
+# are not restated (no copy of the PDFs on the development machines). The verdicts use only the testbed's numbers.
 def _compare(value, shots, column, name, others, lower_is_better):
     """Whether `name` beats every run of `others` on a column; the numbers used."""
     mine = value(shots, name, column)
@@ -275,33 +276,33 @@ def _grows_with_shots(value, name, shots):
 BASELINES_CDC = ("tgan", "ada", "freezed", "ewc")
 CLAIMS = [
     ("CDC", "lower FD than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots",
-     "Table 1: FID on Babies, Sunglasses and Sketches; CDC the lowest of the transfer baselines",
+     "Tables 1-2, FID at 10 shots (Babies, Sunglasses, Sketches): CDC below every transfer baseline",
      lambda value: _compare(value, 10, "FD", "cdc", BASELINES_CDC, True)),
     ("CDC", "higher diversity than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots",
-     "Table 2: intra-cluster LPIPS, CDC the highest on every domain",
+     "Tables 1-2, intra-cluster LPIPS at 10 shots: CDC above every transfer baseline",
      lambda value: _compare(value, 10, "IC-div", "cdc", BASELINES_CDC, False)),
     ("CDC", "diversity grows with 1 -> 5 -> 10 shots while FreezeD and EWC stay below it",
-     "Fig. 9 / 13: samples at 1, 5 and 10 shots",
+     "Fig. 9 / 13 (samples at 1, 5, 10 shots; qualitative)",
      lambda value: _all(_grows_with_shots(value, "cdc", (1, 5, 10)),
                         *[_compare(value, k, "IC-div", "cdc", ("freezed", "ewc"), False) for k in (1, 5)])),
     ("CDC", "each component adds diversity: the full method above image-level D only, patch-level D only and no L_dist",
-     "Fig. 5: ablation samples (qualitative)",
+     "Fig. 5 (ablation samples; qualitative)",
      lambda value: _compare(value, 10, "IC-div", "cdc", ("cdc_image", "cdc_patch", "cdc_nodist"), False)),
-    ("C3", "lower FD than CDC at 10 shots", "Table 1: FID, C3 below CDC",
+    ("C3", "lower FD than CDC at 10 shots", "its FID table: C3 below CDC",
      lambda value: _compare(value, 10, "FD", "c3", ("cdc",), True)),
     ("RSSA", "better structure preservation than CDC, at some cost of diversity",
-     "Table 1 / Fig. 4: SCS above CDC's, intra-LPIPS at or below CDC's",
+     "its SCS and intra-LPIPS tables: structural consistency above CDC's, diversity at or below CDC's",
      lambda value: _all(_compare(value, 10, "geom err", "rssa", ("cdc",), True),
                         _compare(value, 10, "IC-div", "cdc", ("rssa",), False))),
     ("Progressive ASC", "better identity (geom err) than CDC and RSSA at 5 shots",
-     "Table 1: identity similarity above CDC's and RSSA's",
+     "Table 1 (5 shots): identity preserved better than by CDC / IDC and RSSA",
      lambda value: _compare(value, 5, "geom err", "progressive_asc", ("cdc", "rssa"), True)),
     ("Progressive ASC", "better round-trip reconstruction than CDC and RSSA (5 shots each way)",
-     "Table 2: LPIPS / MSE of source -> target -> source, lowest for the progressive method",
+     "Table 2: LPIPS / MSE of source -> target -> source lowest for the progressive method",
      lambda value: _all(_compare(value, 5, "RT MSE", "progressive_asc", ("cdc", "rssa"), True),
                         _compare(value, 5, "RT cos", "progressive_asc", ("cdc", "rssa"), False))),
     ("DiFa", "one-shot adaptation keeps more diversity than NADA and than fine-tuning from one image",
-     "Table 1: intra-LPIPS above NADA's and the fine-tuned baselines'",
+     "its diversity (intra-LPIPS) comparison: DiFa above NADA and the fine-tuned baselines at one shot",
      lambda value: _compare(value, 1, "IC-div", "difa", ("nada", "tgan"), False)),
 ]
 
