@@ -263,7 +263,7 @@ def _compare(value, shots, column, name, others, lower_is_better):
 def _all(*parts):
     verdicts = [v for v, _ in parts]
     verdict = None if None in verdicts else all(verdicts)
-    return verdict, "; ".join(n for _, n in parts)
+    return verdict, "; ".join(dict.fromkeys(n for _, n in parts))  # a missing run named once
 
 
 def _grows_with_shots(value, name, shots):
