@@ -443,7 +443,7 @@ def line_plot(series, xs, title, y_label, size=(560, 360)):
         cv2.putText(image, str(x), (point(x, low)[0] - 5, height - bottom + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     for y in np.linspace(low, high, 5):
         cv2.putText(image, f"{y:.2f}", (8, point(xs[0], y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(image, title, (left, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(image, title, (left + 60, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(image, y_label, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140), (194, 119, 227)]
     for k, (label, values) in enumerate(series.items()):
@@ -543,7 +543,7 @@ def main(argv=None):
         if len(args.shots) > 1:
             xs = sorted(args.shots)
             series = {}
-            for method in args.methods:
+            for method in [m for m in args.methods if m not in ONE_SHOT + ZERO_SHOT]:  # those train on one image or none at any --shots
                 ys = [float(np.mean([v["IC-div"] for v in results[(style, k, method)]])) if (style, k, method) in results else None for k in xs]
                 if sum(y is not None for y in ys) > 1:
                     series[method] = ys
