@@ -162,6 +162,13 @@ def training_images(style, shots, seed):
     return [names[k] for k in sorted(chosen)]
 
 
+def paths(run):
+    """The image files a (forward) run trains on: DiFa's and NADA's first sketch, else its k drawn targets."""
+    if run.name in ONE_SHOT:
+        return [os.path.join(common.DEMO_DIR, "targets", run.style, "00.png")]
+    return training_images(run.style, run.shots, run.seed)
+
+
 def target_argument(run, args):
     """--target of a run: a folder (the demo's own, or a work-dir folder holding the drawn k images), or one
     image for the one-shot methods; for a round trip's return leg, ROUND_TRIP_SHOTS source-style renders."""
@@ -173,9 +180,9 @@ def target_argument(run, args):
         for k, image in enumerate(images):
             cv2.imwrite(os.path.join(folder, f"{k:02d}.png"), image[..., ::-1])
         return folder
+    images = paths(run)
     if run.name in ONE_SHOT:
-        return os.path.join(common.DEMO_DIR, "targets", run.style, "00.png")
-    images = training_images(run.style, run.shots, run.seed)
+        return images[0]
     if len(images) == len(toyfaces.TARGET_SEEDS):
         return os.path.dirname(images[0])
     folder = os.path.join(args.work_dir, "targets", f"{run.style}-{run.shots}shot-seed{run.seed}")
@@ -332,12 +339,6 @@ def claims_markdown(results, args):
 def draw(g, z, batch=100):
     """g_ema samples [N, 3, H, W] for latents z with the generator's fixed noise buffers."""
     return torch.cat([g([z[i:i + batch]], randomize_noise=False)[0].clamp(-1, 1).cpu() for i in range(0, len(z), batch)])
-
-
-def load_images(paths):
-    """Image files as a float batch [N, 3, H, W] in [-1, 1]."""
-    images = np.stack([cv2.imread(p)[..., ::-1] for p in paths])  # [N, H, W, 3] RGB uint8
-    return torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def reference(net, source, style, n_eval):
@@ -512,7 +513,7 @@ def main(argv=None):
                     # as each method samples: RSSA behind its P, MineGAN behind its miner, BSA with its scale / shift
                     adapted_images = draw(load_generator(folder.latest_checkpoint(), device), z)
                     run_feats = train_feats if run.shots == len(toyfaces.TARGET_SEEDS) or run.shots == 0 else \
-                        toy_outputs(net, load_images([target_argument(run, args)] if name in ONE_SHOT else training_images(style, run.shots, seed)))[0]
+                        toy_outputs(net, torch.stack([common.load_image(p, source.size) for p in paths(run)]).float() / 127.5 - 1)[0]
                     seconds, iters = finished(run, args)
                     values = score(net, adapted_images, source_geometry, target_feats, run_feats, style_index)
                     values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})

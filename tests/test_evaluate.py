@@ -154,10 +154,11 @@ def test_intra_cluster_lpips_hand_built():
 
 @pytest.fixture
 def squeeze_lpips(monkeypatch):
-    """LPIPS with its SqueezeNet backbone wherever evaluate.py asks for VGG: the commands' plumbing does not depend on
-    the backbone, and a random VGG16 at LPIPS's 256 px costs 0.7 s per image on a 2-core CPU (SqueezeNet 0.05 s)."""
-    load_lpips = common.load_lpips
-    monkeypatch.setattr(common, "load_lpips", lambda net="vgg", device="cpu", random_backbone=False: load_lpips("squeeze", device, random_backbone))
+    """LPIPS's SqueezeNet backbone wherever evaluate.py asks for VGG (tests/ddp_runs.py says why): the commands'
+    plumbing under test does not depend on the backbone."""
+    from ddp_runs import squeezenet_lpips
+
+    monkeypatch.setattr(common, "load_lpips", squeezenet_lpips(common.load_lpips))
 
 
 def test_iclpips_cli(ckpts, tmp_path, squeeze_lpips):
