@@ -268,8 +268,9 @@ def _compare(value, shots, column, name, others, lower_is_better):
 
 
 def _all(*parts):
+    """A conjunction: fails as soon as a tested part fails, untestable while a part is missing and none failed."""
     verdicts = [v for v, _ in parts]
-    verdict = None if None in verdicts else all(verdicts)
+    verdict = False if False in verdicts else None if None in verdicts else True
     return verdict, "; ".join(dict.fromkeys(n for _, n in parts))  # a missing run named once
 
 

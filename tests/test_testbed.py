@@ -84,6 +84,7 @@ def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
                ("sketch", 10, "freezed"): runs(FD=45.0, **{"IC-div": 3.5}),
                ("sketch", 10, "ewc"): [{"FD": 200.0, "IC-div": 5.0}, {"FD": 100.0, "IC-div": 7.0}],  # mean 150, 6.0
                ("sketch", 10, "c3"): runs(FD=29.0),
+               ("sketch", 10, "rssa"): runs(**{"geom err": 0.5}),
                ("sketch", 10, "difa"): runs(**{"IC-div": 8.0})}
     text = testbed.claims_markdown(results, grid_args())
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
@@ -94,6 +95,8 @@ def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
     assert "**holds**" in rows["lower FD than CDC at 10 shots"]
     difa = rows["one-shot adaptation keeps more diversity than NADA and than fine-tuning from one image"]
     assert "not testable here yet" in difa and "nada (1 shots)" in difa and "tgan (1 shots)" in difa
+    rssa = rows["better structure preservation than CDC, at some cost of diversity"]  # one part fails, one is missing
+    assert "**does not hold**" in rssa and "not better than cdc" in rssa and "not run: rssa (10 shots)" in rssa
 
 
 def test_line_plot_draws_each_series():
