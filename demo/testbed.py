@@ -381,10 +381,11 @@ def round_trip_score(net, source_images, round_trip_images):
 def labelled_rows(rows, scale=3):
     """One PNG: a text label, then the row's images side by side, upscaled (nearest) for viewing."""
     strips = []
+    width = max(190, max(cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)[0][0] for label, _ in rows) + 16)
     for label, images in rows:
         grid = common.image_grid(images, len(images)).permute(1, 2, 0).numpy()  # [h, w, 3] uint8
         grid = cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        margin = np.full((grid.shape[0], 190, 3), 255, np.uint8)
+        margin = np.full((grid.shape[0], width, 3), 255, np.uint8)
         cv2.putText(margin, label, (8, grid.shape[0] // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
         strips.append(np.concatenate([margin, grid], 1))
     return np.concatenate(strips, 0)
@@ -498,9 +499,10 @@ def main(argv=None):
         reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
         frame = [("target renders", score(net, toyfaces.render_batch(reference_seeds, style, source.size), None, target_feats, train_feats, style_index)),
                  ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index))]
-        figure = [("source", source_images[:10])]
+        figure = [("source", source_images[:10])]  # each method once, from its run with the most shots
         for shots in sorted(set(args.shots) | ({ROUND_TRIP_SHOTS} if backs else set()), reverse=True):
             rows = [(name, {k: (v, 0.0, 1) for k, v in values.items()}) for name, values in frame]
+            not_run = []
             for name in args.methods:
                 per_seed, error = [], None
                 for seed in args.seeds:
@@ -523,13 +525,15 @@ def main(argv=None):
                         round_trip = load_generator(common.RunDir(back.folder(args)).latest_checkpoint(), device)
                         values.update(round_trip_score(net, source_images, draw(round_trip, z)))
                     per_seed.append(values)
-                    if seed == args.seeds[0] and shots == max(args.shots):
-                        figure.append((name, adapted_images[:10]))
+                    if seed == args.seeds[0] and all(label.split(",")[0] != name for label, _ in figure):
+                        figure.append((name if shots == max(args.shots) or name in ONE_SHOT + ZERO_SHOT else f"{name}, {shots} shots", adapted_images[:10]))
                         if style == args.styles[0]:
                             cv2.imwrite(os.path.join(args.out, f"samples_{name}{tag}.png"), last_sample_grid(folder), png)
                 if per_seed:
                     results[(style, shots, name)] = per_seed
                     rows.append((name, mean_std(per_seed)))
+                elif error == "not run yet":
+                    not_run.append(name)
                 elif error is not None:
                     rows.append((name, {"FD": f"{error}"}))
             if len(rows) == 2:
@@ -538,6 +542,7 @@ def main(argv=None):
             if any("RT MSE" in values for _, values in rows):
                 columns += ["RT MSE", "RT cos", "RT geom"]
             table = f"\n### {style}, {shots} shot{'s' if shots > 1 else ''}\n\n" + markdown(rows, columns)
+            table += f"\nNot run yet: {', '.join(not_run)}.\n" if not_run else ""
             text += table
             print(table, flush=True)
         name = "comparison" + ("" if style == "sketch" else f"_{style}") + tag + ".png"
