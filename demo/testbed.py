@@ -507,8 +507,8 @@ def main(argv=None):
                 per_seed, error = [], None
                 for seed in args.seeds:
                     run = Run(name, style, shots, seed)
-                    if run.folder(args) not in forwards or (name in ONE_SHOT + ZERO_SHOT and shots not in args.shots):
-                        continue
+                    if run.folder(args) not in forwards or (name in ONE_SHOT + ZERO_SHOT and shots != min(args.shots)):
+                        continue  # one-shot and zero-shot runs: one row, in the table of the fewest --shots
                     error = errors.get(run.folder(args)) or (None if finished(run, args) else "not run yet")
                     if error is not None:
                         continue
