@@ -10,6 +10,8 @@ draw the same latents with the same noise, and the toy network (demo/toynet.py) 
 
     FD        Frechet distance to 1000 renders of the full target distribution (lower: closer to the domain)
     IC-div    intra-cluster diversity around the run's training images (higher: less memorisation / collapse)
+    IC-div10  the same around the style's ten targets at every --shots (IC-div grows as k shrinks: fewer,
+              larger clusters), the column that compares runs across shots; equal to IC-div at 10 shots
     geom err  mean change of the face's geometry (positions, size, pose, gaze, mouth) from G_s(z) to G_t(z), in
               units of its spread over faces (lower: better correspondence; 0 same geometry, 1.13 unrelated faces)
     p(target) mean probability the toy network gives the target style (higher: further into the domain)
@@ -275,10 +277,10 @@ def _all(*parts):
 
 
 def _grows_with_shots(value, name, shots):
-    ys = [value(k, name, "IC-div") for k in shots]
+    ys = [value(k, name, "IC-div10") for k in shots]  # around the same ten targets at every k
     if None in ys:
         return None, f"not run: {name} at " + ", ".join(f"{k}" for k, y in zip(shots, ys) if y is None) + " shots"
-    return all(b > a for a, b in zip(ys, ys[1:])), f"{name} IC-div " + " -> ".join(f"{y:.3g}" for y in ys)
+    return all(b > a for a, b in zip(ys, ys[1:])), f"{name} IC-div10 " + " -> ".join(f"{y:.3g}" for y in ys)
 
 
 BASELINES_CDC = ("tgan", "ada", "freezed", "ewc")
@@ -292,7 +294,7 @@ CLAIMS = [
     ("CDC", "diversity grows with 1 -> 5 -> 10 shots while FreezeD and EWC stay below it",
      "Fig. 9 / 13 (samples at 1, 5, 10 shots; qualitative)",
      lambda value: _all(_grows_with_shots(value, "cdc", (1, 5, 10)),
-                        *[_compare(value, k, "IC-div", "cdc", ("freezed", "ewc"), False) for k in (1, 5)])),
+                        *[_compare(value, k, "IC-div10", "cdc", ("freezed", "ewc"), False) for k in (1, 5)])),
     ("CDC", "each component adds diversity: the full method above image-level D only, patch-level D only and no L_dist",
      "Fig. 5 (ablation samples; qualitative)",
      lambda value: _compare(value, 10, "IC-div", "cdc", ("cdc_image", "cdc_patch", "cdc_nodist"), False)),
@@ -357,14 +359,20 @@ def reference(net, source, style, n_eval):
     return z, target_feats, train_feats, source_images, source_geometry
 
 
-def score(net, images, source_geometry, target_feats, train_feats, style_index):
+def score(net, images, source_geometry, target_feats, train_feats, style_index, ten_feats=None):
+    """The columns of one row. IC-div clusters around the run's own k training images; IC-div10 around the
+    style's ten targets whatever k (`ten_feats`), so that it compares runs across --shots: with fewer, larger
+    clusters IC-div measures distances across the whole sample and grows as k shrinks even for the same images."""
     feats, probs, geometry = toy_outputs(net, images)
-    return {
+    values = {
         "FD": frechet_distance(feats, target_feats),
         "IC-div": intra_cluster_diversity(feats, train_feats),
         "geom err": geometry_error(source_geometry, geometry) if source_geometry is not None else float("nan"),
         "p(target)": float(probs[:, style_index].mean()),
     }
+    if ten_feats is not None:
+        values["IC-div10"] = intra_cluster_diversity(feats, ten_feats)
+    return values
 
 
 def round_trip_score(net, source_images, round_trip_images):
@@ -497,8 +505,8 @@ def main(argv=None):
         style_index = toyfaces.STYLES.index(style)
         z, target_feats, train_feats, source_images, source_geometry = reference(net, source, style, args.n_eval)
         reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
-        frame = [("target renders", score(net, toyfaces.render_batch(reference_seeds, style, source.size), None, target_feats, train_feats, style_index)),
-                 ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index))]
+        frame = [("target renders", score(net, toyfaces.render_batch(reference_seeds, style, source.size), None, target_feats, train_feats, style_index, train_feats)),
+                 ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index, train_feats))]
         figure = [("source", source_images[:10])]  # each method once, from its run with the most shots
         for shots in sorted(set(args.shots) | ({ROUND_TRIP_SHOTS} if backs else set()), reverse=True):
             rows = [(name, {k: (v, 0.0, 1) for k, v in values.items()}) for name, values in frame]
@@ -518,7 +526,7 @@ def main(argv=None):
                     run_feats = train_feats if run.shots == len(toyfaces.TARGET_SEEDS) or run.shots == 0 else \
                         toy_outputs(net, torch.stack([common.load_image(p, source.size) for p in paths(run)]).float() / 127.5 - 1)[0]
                     seconds, iters = finished(run, args)
-                    values = score(net, adapted_images, source_geometry, target_feats, run_feats, style_index)
+                    values = score(net, adapted_images, source_geometry, target_feats, run_feats, style_index, ten_feats=train_feats)
                     values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})
                     back = Run(name, style, ROUND_TRIP_SHOTS, seed, back=True)
                     if shots == ROUND_TRIP_SHOTS and any(b.folder(args) == back.folder(args) for b in backs) and finished(back, args):
@@ -538,7 +546,7 @@ def main(argv=None):
                     rows.append((name, {"FD": f"{error}"}))
             if len(rows) == 2:
                 continue
-            columns = ["FD", "IC-div", "geom err", "p(target)", "iters", "s/iter"]
+            columns = ["FD", "IC-div"] + (["IC-div10"] if shots != len(toyfaces.TARGET_SEEDS) else []) + ["geom err", "p(target)", "iters", "s/iter"]
             if any("RT MSE" in values for _, values in rows):
                 columns += ["RT MSE", "RT cos", "RT geom"]
             table = f"\n### {style}, {shots} shot{'s' if shots > 1 else ''}\n\n" + markdown(rows, columns)
@@ -551,10 +559,10 @@ def main(argv=None):
             xs = sorted(args.shots)
             series = {}
             for method in [m for m in args.methods if m not in ONE_SHOT + ZERO_SHOT]:  # those train on one image or none at any --shots
-                ys = [float(np.mean([v["IC-div"] for v in results[(style, k, method)]])) if (style, k, method) in results else None for k in xs]
+                ys = [float(np.mean([v["IC-div10"] for v in results[(style, k, method)]])) if (style, k, method) in results else None for k in xs]
                 if sum(y is not None for y in ys) > 1:
                     series[method] = ys
-            plot = line_plot(series, xs, f"IC-div vs shots ({style})", "IC-div")
+            plot = line_plot(series, xs, f"IC-div10 vs shots ({style})", "IC-div10")
             cv2.imwrite(os.path.join(args.out, "icdiv_vs_shots" + ("" if style == "sketch" else f"_{style}") + tag + ".png"), plot, png)
     with open(os.path.join(args.out, f"results{tag}.md"), "w") as f:
         f.write(text)

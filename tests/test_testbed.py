@@ -78,7 +78,9 @@ def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
     def runs(**columns):
         return [{k: v for k, v in columns.items()}]
 
-    results = {("sketch", 10, "cdc"): runs(FD=30.0, **{"IC-div": 6.0, "geom err": 0.4}),
+    results = {("sketch", 10, "cdc"): runs(FD=30.0, **{"IC-div": 6.0, "IC-div10": 6.0, "geom err": 0.4}),
+               ("sketch", 5, "cdc"): runs(**{"IC-div": 7.5, "IC-div10": 6.5}),
+               ("sketch", 1, "cdc"): runs(**{"IC-div": 9.0, "IC-div10": 5.0}),
                ("sketch", 10, "tgan"): runs(FD=25.0, **{"IC-div": 4.0}),
                ("sketch", 10, "ada"): runs(FD=40.0, **{"IC-div": 4.5}),
                ("sketch", 10, "freezed"): runs(FD=45.0, **{"IC-div": 3.5}),
@@ -95,6 +97,8 @@ def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
     assert "**holds**" in rows["lower FD than CDC at 10 shots"]
     difa = rows["one-shot adaptation keeps more diversity than NADA and than fine-tuning from one image"]
     assert "not testable here yet" in difa and "nada (1 shots)" in difa and "tgan (1 shots)" in difa
+    shots = rows["diversity grows with 1 -> 5 -> 10 shots while FreezeD and EWC stay below it"]  # IC-div10, not IC-div
+    assert "**does not hold**" in shots and "cdc IC-div10 5 -> 6.5 -> 6" in shots and "not run: freezed (1 shots)" in shots
     rssa = rows["better structure preservation than CDC, at some cost of diversity"]  # one part fails, one is missing
     assert "**does not hold**" in rssa and "not better than cdc" in rssa and "not run: rssa (10 shots)" in rssa
 
