@@ -507,7 +507,7 @@ def main(argv=None):
         reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
         frame = [("target renders", score(net, toyfaces.render_batch(reference_seeds, style, source.size), None, target_feats, train_feats, style_index, train_feats)),
                  ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index, train_feats))]
-        figure = [("source", source_images[:10])]  # each method once, from its run with the most shots
+        figure, pictured = [("source", source_images[:10])], set()  # each method once, from its run with the most shots
         for shots in sorted(set(args.shots) | ({ROUND_TRIP_SHOTS} if backs else set()), reverse=True):
             rows = [(name, {k: (v, 0.0, 1) for k, v in values.items()}) for name, values in frame]
             not_run = []
@@ -533,7 +533,8 @@ def main(argv=None):
                         round_trip = load_generator(common.RunDir(back.folder(args)).latest_checkpoint(), device)
                         values.update(round_trip_score(net, source_images, draw(round_trip, z)))
                     per_seed.append(values)
-                    if seed == args.seeds[0] and all(label.split(",")[0] != name for label, _ in figure):
+                    if seed == args.seeds[0] and name not in pictured:
+                        pictured.add(name)
                         figure.append((name if shots == max(args.shots) or name in ONE_SHOT + ZERO_SHOT else f"{name}, {shots} shots", adapted_images[:10]))
                         if style == args.styles[0]:
                             cv2.imwrite(os.path.join(args.out, f"samples_{name}{tag}.png"), last_sample_grid(folder), png)

@@ -74,6 +74,18 @@ def test_round_trip_score_of_a_perfect_reconstruction_and_of_another_generator()
     assert other["RT MSE"] > 0.01 and other["RT cos"] < same["RT cos"] and other["RT geom"] > 0.3
 
 
+def test_ic_div10_clusters_around_the_ten_targets_whatever_the_run_trained_on():
+    net = testbed.load_toynet()
+    images = toyfaces.render_batch(range(40), "sketch", 32)  # [40, 3, 32, 32]
+    ten = testbed.toy_outputs(net, toyfaces.render_batch(toyfaces.TARGET_SEEDS, "sketch", 32))[0]  # [10, D]
+    feats = testbed.toy_outputs(net, images)[0]
+    one_shot = testbed.score(net, images, None, feats, ten[:1], 1, ten_feats=ten)
+    ten_shot = testbed.score(net, images, None, feats, ten, 1, ten_feats=ten)
+    assert one_shot["IC-div10"] == ten_shot["IC-div10"] == ten_shot["IC-div"]  # the same images, the same column
+    assert one_shot["IC-div"] > one_shot["IC-div10"]  # one large cluster spans the whole sample
+    assert "IC-div10" not in testbed.score(net, images, None, feats, ten, 1)
+
+
 def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
     def runs(**columns):
         return [{k: v for k, v in columns.items()}]
