@@ -199,6 +199,9 @@ def _draw_face(p, size, sunglasses):
     return canvas.image  # BGR uint8, supersampled
 
 
+PAPER_RGB = (245, 235, 215)  # the sketches' warm white paper
+
+
 def _pencil(bgr, params):
     """Colour-dodge pencil sketch of the drawing on warm paper with deterministic grain."""
     grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
@@ -207,7 +210,7 @@ def _pencil(bgr, params):
     lines = (dodge / 255) ** 2.2  # darken the strokes
     rng = np.random.default_rng(params["grain_seed"])
     grain = cv2.GaussianBlur(rng.normal(0, 1, grey.shape).astype(np.float32), (0, 0), 1.5) * 0.04
-    paper = np.array([215, 235, 245], np.float32)  # BGR warm white
+    paper = np.array(PAPER_RGB[::-1], np.float32)  # BGR
     return (np.clip(lines + grain, 0, 1)[..., None] * paper).astype(np.uint8)
 
 
