@@ -1,6 +1,6 @@
 """The toy CLIP: a small image-text model trained on the demo's toy faces, the demo's stand-in for OpenAI's CLIP.
 
-    python -m demo.toyclip       # writes demo/toyclip.pt and demo/toyclip_vocab.txt.gz (what the repository ships)
+    OMP_NUM_THREADS=1 python -m demo.toyclip   # writes demo/toyclip.pt and demo/toyclip_vocab.txt.gz (the shipped weights, exactly)
 
 What it is: a ViT image tower (16 px, patch 2, width 32, 4 blocks) and a causal text tower (width 32, 2 blocks,
 context 32) with a shared 32-d embedding, saved as a plain state dict in OpenAI's CLIP layout (visual.* for the
@@ -20,7 +20,7 @@ InfoNCE with a learned temperature,
 Images go through pretrained.clip_input (antialiased resize of the 32-px renders to 16 px, CLIP's normalisation),
 as difa.py feeds generated images.
 
-What makes it a usable guide (measured with the testbed's DiFa and NADA rows; README, demo): a guide that
+What makes it a better guide (measured with the testbed's DiFa and NADA rows; README, demo): a guide that
 follows CLIP's gradient moves pixels wherever the embedding moves fastest. OpenAI's CLIP reads a 1024-px
 generator's images at 224 px, so a change must span several pixels to count; here the tower reads the 32-px
 generator at half its resolution for the same reason (at 32 px DiFa and NADA turned faces pale and speckled).
@@ -28,7 +28,8 @@ Training augments each image with a random shift of up to 2 px and Gaussian pixe
 single-pixel patterns carry no signal, and half of the photos are washed out (faded toward the paper colour,
 greyed, or grey shading on paper) yet captioned as photos, so "pale" alone does not read as "sketch". Tried and
 dropped: PGD adversarial training of the image tower (eps 0.03 and 0.06: the guide stopped moving the
-generator at all, and zero-shot accuracy fell).
+generator at all, and zero-shot accuracy fell). The guides still whiten faces rather than draw lines, and how far
+the text rows move depends on the training seed (README, testbed).
 The command prints the zero-shot style accuracy on held-out renders (seeds from toyfaces.EVAL_SEED_START on)
 with the three first style phrases as prompts.
 """
@@ -180,7 +181,7 @@ def write_vocab(path, merges):
 class ToyCLIP(nn.Module):
     """The two towers and the temperature; state_dict() is in OpenAI's CLIP layout."""
 
-    def __init__(self, vocab_size, context_length=32, width=32, vision_layers=4, text_layers=2, embed_dim=32, resolution=32):
+    def __init__(self, vocab_size, context_length=32, width=32, vision_layers=4, text_layers=2, embed_dim=32, resolution=16):
         super().__init__()
         self.visual = pretrained.VisionTower(width, vision_layers, patch=resolution // 8, resolution=resolution, out_dim=embed_dim)
         self.text = pretrained.TextTower(vocab_size, context_length, width, text_layers, embed_dim)
@@ -233,7 +234,7 @@ def washed_photos(x, rng):
     """Photos that have lost their colour without becoming drawings, each kind a third of the time: faded toward
     the sketches' paper colour by a in U(0.3, 0.9); grey, then faded by a in U(0, 0.6); grey shading multiplied
     onto the paper (a sketch's colours, but filled shading, not lines). Captioned as photos during training, they
-    close the shortcut "pale and paper-coloured means sketch", so a guide following this CLIP must draw lines."""
+    close the shortcut "pale and paper-coloured means sketch" for the CLIP (not fully for the guides: README)."""
     paper = torch.tensor(toyfaces.PAPER_RGB, dtype=x.dtype).view(1, 3, 1, 1) / 127.5 - 1  # [1, 3, 1, 1]
     grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)  # [B, 3, H, W]
     kind = torch.from_numpy(rng.integers(3, size=len(x))).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
