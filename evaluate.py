@@ -836,6 +836,8 @@ def metrics_for(path, args, device, real_stats=None, fid_model=None, lpips_model
 
 
 def cmd_fid(args, device):
+    for folder in (args.real, args.fake) if args.fake else (args.real,):
+        common.list_images(folder)  # a missing or empty folder says so before the network is built
     model = load_fid_inception(device, args.random_weights, args.dims)
     tag = f"{'random' if args.random_weights else 'pretrained'}-{args.dims}"
     mu_r, sigma_r, n_real = real_statistics(args.real, model, args.batch, device, args.cache_dir, tag)
@@ -860,6 +862,7 @@ def cmd_fid(args, device):
 def real_and_generated_features(args, device, command):
     """Inception features of the --real folder and of --n samples of --ckpt (KID, density / coverage):
     (real features [R, F], generated features [N, F])."""
+    common.list_images(args.real)  # a missing or empty folder says so before the network is built
     model = load_fid_inception(device, args.random_weights, args.dims, command=command)
     _, real = read_folder(args.real)
     feats_real = inception_features(model, real, args.batch, device, desc="real features")

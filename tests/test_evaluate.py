@@ -54,12 +54,12 @@ def test_frechet_distance_direct_formula():
 def test_fid_statistics_equal_pytorch_fid(tmp_path):
     from pytorch_fid.fid_score import calculate_activation_statistics
 
-    real = write_images(tmp_path / "real", 6, seed=1)
-    fake = write_images(tmp_path / "fake", 5, seed=2)
+    real = write_images(tmp_path / "real", 5, seed=1)  # two batches of 4 and 1
+    fake = write_images(tmp_path / "fake", 3, seed=2)
     torch.manual_seed(0)
     model = evaluate.load_fid_inception("cpu", random_weights=True)
     mu_r, s_r, n = evaluate.real_statistics(real, model, 4, "cpu", str(tmp_path / "cache"), "random-2048")
-    assert n == 6 and len(os.listdir(tmp_path / "cache")) == 1
+    assert n == 5 and len(os.listdir(tmp_path / "cache")) == 1
     _, images = evaluate.read_folder(fake)
     mu_f, s_f = evaluate.feature_statistics(evaluate.inception_features(model, images, 4, "cpu"))
     # pytorch-fid's own pipeline (file reading, batching, features, statistics) on the same files and network
@@ -252,9 +252,10 @@ def test_missing_inception_weights_name_the_command(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(fid, "load_state_dict_from_url", offline)
-    for argv, command in ((["kid", "--ckpt", "x.pt", "--real", "r"], "evaluate.py kid needs"),
-                          (["compare", "--ckpt", "x.pt", "--real", "r"], "evaluate.py compare (FID column) needs"),
-                          (["fid", "--ckpt", "x.pt", "--real", "r"], "evaluate.py fid needs")):
+    real = write_images(tmp_path / "real", 2)  # inputs that exist: the missing weights are the first error
+    for argv, command in ((["kid", "--ckpt", "x.pt", "--real", real], "evaluate.py kid needs"),
+                          (["compare", "--ckpt", "x.pt", "--real", real], "evaluate.py compare (FID column) needs"),
+                          (["fid", "--ckpt", "x.pt", "--real", real], "evaluate.py fid needs")):
         with pytest.raises(common.UserError) as info:
             evaluate.main([*argv, "--device", "cpu"])
         message = str(info.value)
