@@ -3,8 +3,6 @@ key layouts (tiny random configurations), and end-to-end tiny runs on CPU."""
 
 import math
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -16,9 +14,9 @@ from PIL import Image
 import common
 import difa
 import pretrained
+from conftest import assert_cli_errors
 from stylegan2 import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CLIP = dict(width=32, layers=2, patch=8, resolution=32, out_dim=12)
 TINY_E4E = dict(widths=(4, 8, 12, 16), units=(1, 2, 2, 1), style_dim=16, n_styles=8, size=32, se_reduction=4)
 
@@ -463,12 +461,7 @@ def test_missing_default_weights_messages(tmp_path, monkeypatch):
     assert difa.CLIP_URLS["ViT-B/32"].split("/")[-2].startswith("40d36571")  # sha256 of OpenAI's file
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "difa.py"), *args], capture_output=True, text=True, cwd=ROOT)
-    return result.returncode, result.stderr.strip()
-
-
-def test_bad_input_one_line_errors(setup, weights, tmp_path, capsys):
+def test_bad_input_one_line_errors(setup, weights, tmp_path):
     _, source, _ = setup
     corrupt = tmp_path / "bad.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff garbage")
@@ -488,15 +481,7 @@ def test_bad_input_one_line_errors(setup, weights, tmp_path, capsys):
         (["--source", source, "--target", ref, *ok, "--num-keep-first", "9"], "--num-keep-first 9"),
         (["--source", source, "--target", ref, *ok, "--resume"], "no checkpoint"),
     ]
-    for k, (args, message) in enumerate(cases):
-        if k == 0:  # through the command line
-            code, stderr = run_cli(*args, *base)
-        else:  # in process (same run_main), to keep the test fast
-            with pytest.raises(SystemExit) as exit_info:
-                common.run_main(difa.main, [*args, *base])
-            code, stderr = exit_info.value.code, capsys.readouterr().err.strip()
-        assert code == 2, (args, stderr)
-        assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr
+    assert_cli_errors("difa.py", cases, base)  # the first through the command line, beside the others in process
 
 
 # ------------------------------------------------------------------------------------------------
