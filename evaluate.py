@@ -836,7 +836,7 @@ def metrics_for(path, args, device, real_stats=None, fid_model=None, lpips_model
 
 
 def cmd_fid(args, device):
-    for folder in (args.real, args.fake) if args.fake else (args.real,):
+    for folder in filter(None, (args.real, args.fake)):
         common.list_images(folder)  # a missing or empty folder says so before the network is built
     model = load_fid_inception(device, args.random_weights, args.dims)
     tag = f"{'random' if args.random_weights else 'pretrained'}-{args.dims}"
