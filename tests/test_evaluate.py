@@ -242,6 +242,17 @@ def test_bad_inputs(ckpts, tmp_path):
         evaluate.main(["grid", "--source", str(tmp_path / "nope.pt"), "--ckpt", paths[0], "--device", "cpu"])
     with pytest.raises(common.UserError, match="names"):
         evaluate.main(["compare", "--ckpt", *paths, "--names", "only-one", "--no-is", "--device", "cpu"])
+    # a missing folder fails before any network is built (fid, and kid through real_and_generated_features)
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Inception network was built before the inputs were checked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "load_fid_inception", no_network)
+        for command in ("fid", "kid"):
+            with pytest.raises(common.UserError, match="target not found"):
+                evaluate.main([command, "--ckpt", paths[0], "--real", str(tmp_path / "missing"), "--device", "cpu"])
+        with pytest.raises(common.UserError, match="target not found"):
+            evaluate.main(["fid", "--fake", str(tmp_path / "missing"), "--real", write_images(tmp_path / "real", 2), "--device", "cpu"])
 
 
 def test_missing_inception_weights_name_the_command(monkeypatch, tmp_path):
