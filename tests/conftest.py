@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -71,10 +72,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The demo-claim test (tests/test_demo.py) trains two 400-iteration demo runs, about two minutes on one thread
 # each. They start in background processes as soon as the tests are collected, and the test itself runs last,
-# so the rest of the suite runs meanwhile (on one thread) instead of after them.
+# so the rest of the suite runs meanwhile (on one thread) instead of after them. The tests marked
+# several_processes (torchrun's two workers, two runs side by side) run just before it: by then the demo runs
+# have finished or nearly, and their processes take the core this one-thread process leaves free.
 DEMO_CLAIM_TEST = "test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity"
 DEMO_CLAIM_ITERS = 400
 DEMO_CLAIM_RUNS = {"cdc": [], "finetune": ["--no-dist", "--adv", "image"]}  # TGAN fine-tuning is cdc.py with these flags
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "several_processes: starts processes that run side by side (run late, see DEMO_CLAIM_TEST)")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -84,8 +91,10 @@ def pytest_collection_modifyitems(session, config, items):
     claim = [item for item in items if item.name == DEMO_CLAIM_TEST]
     if not claim:
         return
-    items.remove(claim[0])
-    items.append(claim[0])
+    several = [item for item in items if item.get_closest_marker("several_processes")]
+    for item in [*several, claim[0]]:
+        items.remove(item)
+        items.append(item)
     folder = tempfile.mkdtemp(prefix="demo-claim-")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     processes = {}
@@ -109,6 +118,9 @@ def pytest_unconfigure(config):
             process.wait()
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
+    if _script_runner is not None:
+        _script_runner.stdin.close()
+        _script_runner.wait()
 
 
 def standard_bad_inputs(tmp_path, source, target):
@@ -130,29 +142,79 @@ def standard_bad_inputs(tmp_path, source, target):
     ]
 
 
-def assert_cli_errors(script, cases, base, every_case_as_a_process=False):
-    """Each case run as `python <script> argv base` exits 2 with one stderr line `error: ...message...`.
+# A user's bad input must end in one line on stderr and exit status 2, through the script's own `__main__` block.
+# Starting an interpreter for each such case costs ~3 s of CPU (importing torch) on the 2-core CPU, so the suite
+# starts one interpreter, imports torch and the scripts' modules once, and forks a process from it per case: each
+# case is still a process of its own that runs the script's file as __main__ (runpy) with the case's argv, working
+# folder and environment, its stdout and stderr in files and its exit status the process's. Where os.fork is
+# missing (Windows) each case is a fresh interpreter instead.
+SCRIPT_RUNNER = r"""
+import json, os, runpy, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import tempfile
+import torch
+import baselines, c3, cdc, difa, evaluate, progressive_asc, rssa  # noqa: E401,F401 (imported once, before the forks)
+from stylegan2 import Discriminator, Generator, load_checkpoint
+with tempfile.TemporaryDirectory() as folder:  # reading a checkpoint imports ~800 more modules: here, not in every fork
+    g = Generator(32, style_dim=16, n_mlp=2, channel_cap=16).state_dict()
+    torch.save({"g": g, "g_ema": g, "d": Discriminator(32, channel_cap=16).state_dict()}, os.path.join(folder, "warm.pt"))
+    load_checkpoint(os.path.join(folder, "warm.pt"))
+protocol = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+    case = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(case["cwd"])
+        os.environ.clear()
+        os.environ.update(case["env"])
+        for fd, path in ((0, os.devnull), (1, case["stdout"]), (2, case["stderr"])):
+            os.dup2(os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [case["script"], *case["argv"]]
+        status = 0
+        try:
+            runpy.run_path(case["script"], run_name="__main__")
+        except SystemExit as exit:  # sys.exit's rules: None is 0, a number is the status, anything else is printed
+            status = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else print(exit.code, file=sys.stderr) or 1
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    protocol.write(f"{os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}\n")
+    protocol.flush()
+"""
+_script_runner = None
 
-    The first case (every case with every_case_as_a_process) runs as a process: what a user sees, through the
-    script's common.run_main. The others call the script's main() in this process and expect the one-line
-    UserError / CheckpointError that run_main prints (an interpreter start-up each would cost seconds on two
-    cores). Processes run concurrently: each is mostly a single-threaded interpreter start-up."""
-    import importlib
+
+def run_script(script, argv, cwd=ROOT, env=None):
+    """(exit status, stdout, stderr) of `python <script> argv` run in cwd with env (default: this process's)."""
     import subprocess
-    import sys
+    import tempfile
 
-    from common import UserError
-    from stylegan2 import CheckpointError
+    global _script_runner
+    script, env = os.path.join(ROOT, script), dict(os.environ if env is None else env)
+    if not hasattr(os, "fork"):
+        result = subprocess.run([sys.executable, script, *argv], cwd=cwd, env=env, capture_output=True, text=True)
+        return result.returncode, result.stdout, result.stderr
+    if _script_runner is None:
+        _script_runner = subprocess.Popen([sys.executable, "-c", SCRIPT_RUNNER, ROOT], cwd=ROOT, stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        request = {"script": script, "argv": [str(a) for a in argv], "cwd": str(cwd), "env": env, "stdout": out, "stderr": err}
+        _script_runner.stdin.write(json.dumps(request) + "\n")
+        _script_runner.stdin.flush()
+        line = _script_runner.stdout.readline()
+        assert line, "the script runner stopped"
+        return int(line), open(out).read(), open(err).read()
 
-    as_processes = cases if every_case_as_a_process else cases[:1]
-    processes = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args, *base], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=ROOT) for args, _ in as_processes]
-    module = importlib.import_module(os.path.splitext(script)[0])
-    for args, message in cases[len(as_processes):]:
-        with pytest.raises((UserError, CheckpointError)) as info:
-            module.main([*args, *base])
-        assert message in str(info.value) and "\n" not in str(info.value), (args, str(info.value))
-    for (args, message), process in zip(as_processes, processes):
-        stderr = process.communicate()[1].strip()
-        assert process.returncode == 2, (args, stderr)
-        assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr
+
+def assert_cli_errors(script, cases, base):
+    """Each case run as `python <script> argv base` exits 2 with one stderr line `error: ...message...` (what a
+    user sees, through the script's common.run_main; each case a process of its own, see run_script)."""
+    for args, message in cases:
+        code, _, stderr = run_script(script, [*args, *base])
+        stderr = stderr.strip()
+        assert code == 2, (args, stderr)
+        assert stderr.startswith("error: ") and message in stderr and "\n" not in stderr, (args, stderr)

@@ -28,7 +28,7 @@ from conftest import ROOT
 from ddp_runs import C3, CDC, DC_LAYERS, FID, ICLPIPS, TRAIN, dc_loss_features, squeezenet_lpips
 from stylegan2 import Discriminator, Generator
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.several_processes]
 
 
 def free_port():

@@ -481,7 +481,7 @@ def test_bad_input_one_line_errors(setup, weights, tmp_path):
         (["--source", source, "--target", ref, *ok, "--num-keep-first", "9"], "--num-keep-first 9"),
         (["--source", source, "--target", ref, *ok, "--resume"], "no checkpoint"),
     ]
-    assert_cli_errors("difa.py", cases, base)  # the first through the command line, beside the others in process
+    assert_cli_errors("difa.py", cases, base)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 import csv
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,9 +10,8 @@ from PIL import Image
 
 import common
 import evaluate
+from conftest import assert_cli_errors, run_script
 from stylegan2 import Discriminator, Generator
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_images(folder, n, size=32, seed=0):
@@ -229,11 +226,8 @@ def test_generation_is_deterministic_and_quantised_like_png(ckpts):
 def test_bad_inputs(ckpts, tmp_path):
     root, paths = ckpts
 
-    def run(*args):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], capture_output=True, text=True, cwd=ROOT)
-        return r.returncode, r.stderr.strip()
-
-    code, err = run("fid", "--ckpt", paths[0], "--real", str(tmp_path / "missing"), "--device", "cpu", "--random-weights")
+    code, _, err = run_script("evaluate.py", ["fid", "--ckpt", paths[0], "--real", str(tmp_path / "missing"), "--device", "cpu", "--random-weights"])
+    err = err.strip()
     assert code == 2 and err == f"error: target not found: {tmp_path / 'missing'}"
     # the same one-line errors, in this process (run_main prints them as above)
     from stylegan2 import CheckpointError
@@ -451,8 +445,6 @@ def test_edit_directions_layers_and_ganspace(photo_setup, tmp_path):
 
 
 def test_photo_commands_one_line_errors(photo_setup, tmp_path):
-    from conftest import assert_cli_errors
-
     root, source, adapted, _, photos, codes_path, _ = photo_setup
     empty = tmp_path / "empty"
     empty.mkdir()

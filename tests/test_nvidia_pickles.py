@@ -362,7 +362,7 @@ def test_pickle_code_never_runs_and_bad_files_fail_cleanly_from_cdc(ada_pickle, 
         (["--source", str(truncated), "--target", target], "truncated network pickle"),
         (["--source", str(random_binary), "--target", target], "unrecognised binary data"),
     ]
-    assert_cli_errors("cdc.py", cases, ["--device", "cpu", "--iter", "1", "--out", str(tmp_path / "out")], every_case_as_a_process=True)
+    assert_cli_errors("cdc.py", cases, ["--device", "cpu", "--iter", "1", "--out", str(tmp_path / "out")])
     assert not marker.exists()
 
 

@@ -55,6 +55,7 @@ def fake_earlier_run(folder):
         f.write(os.urandom(64))
 
 
+@pytest.mark.several_processes
 def test_ctrl_c_then_the_printed_command_from_another_folder_continues_the_same_run(setup, tmp_path):
     _, source, target = setup
     iters = ["--iter", "16", "--sample-every", "4", "--save-every", "1000"]
