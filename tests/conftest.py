@@ -146,12 +146,11 @@ def standard_bad_inputs(tmp_path, source, target):
 # Starting an interpreter for each such case costs ~3 s of CPU (importing torch) on the 2-core CPU, so the suite
 # starts one interpreter, imports torch and the scripts' modules once, and forks a process from it per case: each
 # case is still a process of its own that runs the script's file as __main__ (runpy) with the case's argv, working
-# folder and environment, its stdout and stderr in files and its exit status the process's. Where os.fork is
-# missing (Windows) each case is a fresh interpreter instead.
+# folder and environment, its stdout and stderr in files and its exit status the process's. Off Linux (no fork on
+# Windows; forking after importing torch is unsafe on macOS) each case is a fresh interpreter instead.
 SCRIPT_RUNNER = r"""
-import json, os, runpy, sys, traceback
+import json, os, runpy, sys, tempfile, traceback
 sys.path.insert(0, sys.argv[1])
-import tempfile
 import torch
 import baselines, c3, cdc, difa, evaluate, progressive_asc, rssa  # noqa: E401,F401 (imported once, before the forks)
 from stylegan2 import Discriminator, Generator, load_checkpoint
@@ -173,8 +172,12 @@ for line in sys.stdin:
         status = 0
         try:
             runpy.run_path(case["script"], run_name="__main__")
-        except SystemExit as exit:  # sys.exit's rules: None is 0, a number is the status, anything else is printed
-            status = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else print(exit.code, file=sys.stderr) or 1
+        except SystemExit as exit:  # sys.exit's rules: None is 0, a number is the status, anything else is printed, 1
+            if exit.code is None or isinstance(exit.code, int):
+                status = exit.code or 0
+            else:
+                print(exit.code, file=sys.stderr)
+                status = 1
         except BaseException:
             traceback.print_exc()
             status = 1
@@ -194,7 +197,7 @@ def run_script(script, argv, cwd=ROOT, env=None):
 
     global _script_runner
     script, env = os.path.join(ROOT, script), dict(os.environ if env is None else env)
-    if not hasattr(os, "fork"):
+    if not sys.platform.startswith("linux"):
         result = subprocess.run([sys.executable, script, *argv], cwd=cwd, env=env, capture_output=True, text=True)
         return result.returncode, result.stdout, result.stderr
     if _script_runner is None:
