@@ -167,7 +167,7 @@ def test_failed_starts_leave_no_run_folder_and_say_one_line(setup, tmp_path):
     out = tmp_path / "never"
     base = ["--device", "cpu", "--out", str(out)]
     cases = [
-        (["--iter", "-5"], "--iter must be at least 1, got -5"),  # as a process: demo mode, no banner before the error
+        (["--iter", "-5"], "--iter must be at least 1, got -5"),  # demo mode: no banner before the error
         (["--iter", "0"], "--iter must be at least 1, got 0"),
         (["--source", source, "--target", target, "--resume", str(tmp_path / "nope.pt")], "checkpoint not found"),
         (["--source", source, "--target", str(tmp_path / "missing")], "target not found"),
