@@ -155,8 +155,8 @@ import torch
 import baselines, c3, cdc, difa, evaluate, progressive_asc, rssa  # noqa: E401,F401 (imported once, before the forks)
 from stylegan2 import Discriminator, Generator, load_checkpoint
 with tempfile.TemporaryDirectory() as folder:  # reading a checkpoint imports ~800 more modules: here, not in every fork
-    g = Generator(32, style_dim=16, n_mlp=2, channel_cap=16).state_dict()
-    torch.save({"g": g, "g_ema": g, "d": Discriminator(32, channel_cap=16).state_dict()}, os.path.join(folder, "warm.pt"))
+    weights = Generator(32, style_dim=16, n_mlp=2, channel_cap=16).state_dict()
+    torch.save({"g": weights, "g_ema": weights, "d": Discriminator(32, channel_cap=16).state_dict()}, os.path.join(folder, "warm.pt"))
     load_checkpoint(os.path.join(folder, "warm.pt"))
 protocol = os.fdopen(os.dup(1), "w")
 for line in sys.stdin:

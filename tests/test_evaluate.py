@@ -227,8 +227,7 @@ def test_bad_inputs(ckpts, tmp_path):
     root, paths = ckpts
 
     code, _, err = run_script("evaluate.py", ["fid", "--ckpt", paths[0], "--real", str(tmp_path / "missing"), "--device", "cpu", "--random-weights"])
-    err = err.strip()
-    assert code == 2 and err == f"error: target not found: {tmp_path / 'missing'}"
+    assert code == 2 and err.strip() == f"error: target not found: {tmp_path / 'missing'}"
     # the same one-line errors, in this process (run_main prints them as above)
     from stylegan2 import CheckpointError
 
