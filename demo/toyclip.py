@@ -27,9 +27,12 @@ generator at half its resolution for the same reason (at 32 px DiFa and NADA tur
 Training augments each image with a random shift of up to 2 px and Gaussian pixel noise of std U(0, 0.25), so
 single-pixel patterns carry no signal, and half of the photos are washed out (faded toward the paper colour,
 greyed, or grey shading on paper) yet captioned as photos, so "pale" alone does not read as "sketch". Tried and
-dropped: PGD adversarial training of the image tower (eps 0.03 and 0.06: the guide stopped moving the
-generator at all, and zero-shot accuracy fell). The guides still whiten faces rather than draw lines, and how far
-the text rows move depends on the training seed (README, testbed).
+dropped: PGD adversarial training of the image tower (eps 0.03 and 0.06: the guides whiten faces as before or stall,
+and zero-shot accuracy fell to 0.67 on photos); pixel noise up to std 0.7; mixup of each photo with its own sketch,
+(1 - t) photo + t sketch under both captions weighted 1 - t and t (DiFa still whitens, the other three rows stall).
+The guides still whiten faces rather than draw lines, and how far the text rows move depends on the training seed
+(README, testbed). That is this CLIP's optimum, not a failure to reach it: it rates DiFa's whitened samples
+nearer the reference sketch than real sketch renders (README, DiFa).
 The command prints the zero-shot style accuracy on held-out renders (seeds from toyfaces.EVAL_SEED_START on)
 with the three first style phrases as prompts.
 """
