@@ -29,7 +29,9 @@ single-pixel patterns carry no signal, and half of the photos are washed out (fa
 greyed, or grey shading on paper) yet captioned as photos, so "pale" alone does not read as "sketch". Tried and
 dropped: PGD adversarial training of the image tower (eps 0.03 and 0.06: the guides whiten faces as before or stall,
 and zero-shot accuracy fell to 0.67 on photos); pixel noise up to std 0.7; mixup of each photo with its own sketch,
-(1 - t) photo + t sketch under both captions weighted 1 - t and t (DiFa still whitens, the other three rows stall).
+(1 - t) photo + t sketch under both captions weighted 1 - t and t (DiFa still whitens, the other three rows stall);
+this 16-px tower paired with a 32-px one, like the official ViT-B/32 + ViT-B/16 pair (DiFa and NADA from the sketch
+whiten further, FD 92 / 102; from text the faces stay near the source, p(sketch) 0.008 / 0.26).
 The guides still whiten faces rather than draw lines, and how far the text rows move depends on the training seed
 (README, testbed). That is this CLIP's optimum, not a failure to reach it: it rates DiFa's whitened samples
 nearer the reference sketch than real sketch renders (README, DiFa).
