@@ -82,7 +82,8 @@ from torch import nn
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint, upfirdn2d
+from checkpoints import load_checkpoint
+from stylegan2 import upfirdn2d
 
 BASELINES = ("tgan", "ada", "freezed", "ewc", "bsa", "minegan")
 # per-baseline defaults of the shared options (None in argparse, filled in after parsing)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 OURS = "unstated in the paper: our choice"
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 def parse_args(argv=None):

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from stylegan2 import CheckpointError, ConvLayer, extra_config, save_atomically
+from checkpoints import CheckpointError, extra_config, save_atomically
+from stylegan2 import ConvLayer
 
 # parameter EMA of the generator: 0.5 ** (32 / 10000), a half-life of 10k images at batch 32 (rosinality, CDC)
 EMA_DECAY = 0.5 ** (32 / 10000)
@@ -1044,7 +1045,7 @@ def save_comparison_grid(path, source_images, adapted_images, nrow=None):
 
 def save_checkpoint(path, state):
     """torch.save to a temporary file in the same folder, then an atomic rename: never a half-written file
-    (stylegan2.save_atomically, which `python stylegan2.py convert` uses too). Rank 0 only under torchrun: every
+    (checkpoints.save_atomically, which `python checkpoints.py convert` uses too). Rank 0 only under torchrun: every
     process holds the same state."""
     if is_main():
         save_atomically(state, path)
@@ -1056,7 +1057,7 @@ _last_training_checkpoint = {}
 def load_training_checkpoint(path):
     """A checkpoint written by one of our method files (for --resume), with one-line errors. The file read
     while parsing --resume is kept until the training loop asks for it, so a large checkpoint is read once."""
-    from stylegan2 import read_checkpoint
+    from checkpoints import read_checkpoint
 
     key = _file_key(path)
     if key is not None and key in _last_training_checkpoint:

@@ -88,7 +88,7 @@ from pretrained import (CLIP_MEAN, CLIP_STD, CLIP_URLS, E4E, E4E_FILE, E4E_SOURC
                         QuickGELU, ResidualBlock, SelfAttention, SEModule, StyleHead, Transformer, VisionTower, clip_input,
                         default_clip_path, default_e4e_path, e4e_config, e4e_input, load_e4e, load_text_tower, load_vision_tower,
                         read_clip_state_dict, resolve_clip_file, tokenize, vision_config, vocab_size)
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 MEAN_LATENT_SAMPLES = 4096  # z samples for the truncation centre (release: mean_latent(4096))
 AUTO_LAYER_LR = 0.01  # SGD step of NADA's W+ optimisation in determine_opt_layers (hard-coded there)

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint, read_checkpoint
+from checkpoints import load_checkpoint, read_checkpoint
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fewshot-gan-adaptation")
 

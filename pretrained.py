@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import UserError
-from stylegan2 import read_checkpoint
+from checkpoints import read_checkpoint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 # Farneback parameters of the official calcOpticalFlow (winsize comes from the schedule below)
 FARNEBACK = dict(pyr_scale=0.5, levels=3, iterations=5, poly_n=5, poly_sigma=1.1, flags=0)

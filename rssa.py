@@ -75,7 +75,7 @@ import torch.nn.functional as F
 
 import common
 from common import UserError
-from stylegan2 import load_checkpoint, read_checkpoint
+from checkpoints import load_checkpoint, read_checkpoint
 
 # P's per-slot blend s_l by octave below the output resolution (output, /2, /4, /8, /16; coarser: 0); at
 # 256 px the official tables (face: Projection_module, church: Projection_module_church, HEAD 47f5701)

@@ -28,7 +28,8 @@ from common import (  # noqa: E402
     run_main, save_checkpoint, save_png, seed_everything, set_rng_state,
 )
 from demo import toyfaces  # noqa: E402
-from stylegan2 import Discriminator, Generator, read_checkpoint  # noqa: E402
+from checkpoints import read_checkpoint  # noqa: E402
+from stylegan2 import Discriminator, Generator  # noqa: E402
 
 DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
 

@@ -60,7 +60,7 @@ import common  # noqa: E402
 from demo import toyfaces  # noqa: E402
 from demo.toynet import frechet_distance, geometry_error, intra_cluster_diversity, load_toynet, toy_outputs  # noqa: E402
 from evaluate import load_generator  # noqa: E402
-from stylegan2 import load_checkpoint  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 
 # name -> (script, extra arguments); "finetune" is CDC's loop with L_dist off and an image-level D on every
 # iteration, i.e. the TGAN fine-tuning baseline of the papers

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pretrained  # noqa: E402
-from stylegan2 import load_checkpoint  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 
 DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
 TOYE4E_PATH = os.path.join(DEMO_DIR, "toye4e.pt")

@@ -153,7 +153,8 @@ import json, os, runpy, sys, tempfile, traceback
 sys.path.insert(0, sys.argv[1])
 import torch
 import baselines, c3, cdc, difa, evaluate, progressive_asc, rssa  # noqa: E401,F401 (imported once, before the forks)
-from stylegan2 import Discriminator, Generator, load_checkpoint
+from checkpoints import load_checkpoint
+from stylegan2 import Discriminator, Generator
 with tempfile.TemporaryDirectory() as folder:  # reading a checkpoint imports ~800 more modules: here, not in every fork
     weights = Generator(32, style_dim=16, n_mlp=2, channel_cap=16).state_dict()
     torch.save({"g": weights, "g_ema": weights, "d": Discriminator(32, channel_cap=16).state_dict()}, os.path.join(folder, "warm.pt"))

@@ -8,7 +8,8 @@ import torch
 from conftest import assert_cli_errors, standard_bad_inputs
 
 import baselines
-from stylegan2 import Discriminator, load_checkpoint
+from checkpoints import load_checkpoint
+from stylegan2 import Discriminator
 
 # ------------------------------------------------------------------------------------------------
 # EWC

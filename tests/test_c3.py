@@ -11,7 +11,7 @@ from PIL import Image
 
 import c3
 from common import UserError
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 

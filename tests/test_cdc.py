@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cdc
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 

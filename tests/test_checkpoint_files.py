@@ -9,7 +9,8 @@ import torch
 from conftest import assert_cli_errors, write_random_images
 from PIL import Image
 
-from stylegan2 import CheckpointError, Generator, load_checkpoint, read_checkpoint
+from checkpoints import CheckpointError, load_checkpoint, read_checkpoint
+from stylegan2 import Generator
 
 
 def image_bytes(fmt):

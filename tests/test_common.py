@@ -348,7 +348,7 @@ def test_training_state_round_trip(tmp_path):
     common.save_checkpoint(path, common.training_state(7, args, g, g_ema, d, g_optim, d_optim, anchors=torch.ones(3, 8)))
     expected_draw = torch.rand(3)
 
-    from stylegan2 import load_checkpoint
+    from checkpoints import load_checkpoint
 
     models, raw = load_checkpoint(path)  # our checkpoints stay readable as rosinality checkpoints
     assert set(models) == {"g", "g_ema", "d"} and raw["args"]["iter"] == 10 and "device" not in raw["args"]

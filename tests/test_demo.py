@@ -11,7 +11,7 @@ import common
 from demo import toyfaces
 from demo.toynet import frechet_distance, geometry_error, load_toynet, toy_outputs
 from conftest import ROOT
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import common
 import difa
 import pretrained
 from conftest import assert_cli_errors
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 TINY_CLIP = dict(width=32, layers=2, patch=8, resolution=32, out_dim=12)
 TINY_E4E = dict(widths=(4, 8, 12, 16), units=(1, 2, 2, 1), style_dim=16, n_styles=8, size=32, se_reduction=4)

@@ -229,7 +229,7 @@ def test_bad_inputs(ckpts, tmp_path):
     code, _, err = run_script("evaluate.py", ["fid", "--ckpt", paths[0], "--real", str(tmp_path / "missing"), "--device", "cpu", "--random-weights"])
     assert code == 2 and err.strip() == f"error: target not found: {tmp_path / 'missing'}"
     # the same one-line errors, in this process (run_main prints them as above)
-    from stylegan2 import CheckpointError
+    from checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         evaluate.main(["grid", "--source", str(tmp_path / "nope.pt"), "--ckpt", paths[0], "--device", "cpu"])

@@ -6,15 +6,8 @@ import os
 import pytest
 import torch
 
-from stylegan2 import (
-    CheckpointError,
-    Discriminator,
-    Generator,
-    infer_discriminator_config,
-    infer_generator_config,
-    load_checkpoint,
-    read_checkpoint,
-)
+from checkpoints import CheckpointError, infer_discriminator_config, infer_generator_config, load_checkpoint, read_checkpoint
+from stylegan2 import Discriminator, Generator
 
 
 def meta(cls, *args, **kwargs):

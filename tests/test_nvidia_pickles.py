@@ -19,8 +19,10 @@ import pytest
 import torch
 from conftest import ROOT, assert_cli_errors, write_random_images
 
+import checkpoints
 import stylegan2
-from stylegan2 import CheckpointError, Discriminator, Generator, load_checkpoint
+from checkpoints import CheckpointError, load_checkpoint
+from stylegan2 import Discriminator, Generator
 
 SHARED = os.path.join(ROOT, "..", "shared", "data", "nvlabs-pickles")
 SHARED_NETWORKS = [
@@ -298,7 +300,7 @@ def test_tf_pickle_round_trips(tmp_path, nvidia_modules):
 def test_convert_reloads_and_matches_default_layout(ada_pickle, tmp_path, nvidia_modules, capsys):
     path, reference, w_avg = ada_pickle
     out = tmp_path / "converted.pt"
-    stylegan2.main(["convert", path, str(out)])
+    checkpoints.main(["convert", path, str(out)])
     saved = torch.load(out, weights_only=True)
     assert set(saved) == {"g", "g_ema", "d", "latent_avg", "extra_config"}
     models, ckpt = load_checkpoint(str(out))
@@ -308,7 +310,7 @@ def test_convert_reloads_and_matches_default_layout(ada_pickle, tmp_path, nvidia
     # without extras, the file has exactly the keys and shapes of the default-config (rosinality) networks
     g, g_ema, d, w_avg = random_networks(seed=2)
     plain = write_pickle(tmp_path / "plain.pkl", dict(G=nvidia_generator(g, w_avg), D=nvidia_discriminator(d), G_ema=nvidia_generator(g_ema, w_avg)))
-    stylegan2.main(["convert", plain, str(out)])
+    checkpoints.main(["convert", plain, str(out)])
     saved = torch.load(out, weights_only=True)
     assert set(saved) == {"g", "g_ema", "d", "latent_avg"}
     for name, model in dict(g=Generator(16, style_dim=8, n_mlp=2, channel_cap=8), g_ema=g_ema, d=Discriminator(16, channel_cap=8)).items():
@@ -316,7 +318,7 @@ def test_convert_reloads_and_matches_default_layout(ada_pickle, tmp_path, nvidia
         assert {k: tuple(v.shape) for k, v in saved[name].items()} == expected
         model.load_state_dict(saved[name], strict=True)
 
-    stylegan2.main(["info", path])
+    checkpoints.main(["info", path])
     info = capsys.readouterr().out
     assert "resolution: 16 px" in info and "mapping layers: 2" in info and "d: conv_clamp=0.5, stddev_group=2" in info
 
@@ -421,7 +423,7 @@ def test_nvidia_refusals(name, message):
 def test_nvidia_pickle_converts_with_extras(tmp_path):
     source = os.path.join(SHARED, "ada_32_clamp4_mbstd2.pkl")
     out = str(tmp_path / "converted.pt")
-    stylegan2.convert_checkpoint(source, out)
+    checkpoints.convert_checkpoint(source, out)
     original, _ = load_checkpoint(source)
     converted, ckpt = load_checkpoint(out)
     assert ckpt["extra_config"] == {"g": {"conv_clamp": 4}, "d": {"conv_clamp": 4, "stddev_group": 2}}

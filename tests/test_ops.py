@@ -7,17 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stylegan2 import (
-    Blur,
-    Discriminator,
-    FusedLeakyReLU,
-    Generator,
-    ModulatedConv2d,
-    Upsample,
-    fused_leaky_relu,
-    make_kernel,
-    upfirdn2d,
-)
+from stylegan2 import Blur, Discriminator, FusedLeakyReLU, Generator, ModulatedConv2d, Upsample, fused_leaky_relu, make_kernel, upfirdn2d
 
 
 def upfirdn2d_direct(x, kernel, up, down, pad):

@@ -12,7 +12,8 @@ from torchvision.ops import roi_align
 
 import common
 import progressive_asc as pasc
-from stylegan2 import Generator, load_checkpoint
+from checkpoints import load_checkpoint
+from stylegan2 import Generator
 
 
 

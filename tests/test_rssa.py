@@ -15,7 +15,8 @@ import common
 import rssa
 import stylegan2
 from common import UserError
-from stylegan2 import Generator, load_checkpoint
+from checkpoints import load_checkpoint
+from stylegan2 import Generator
 
 
 

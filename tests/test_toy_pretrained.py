@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pretrained
 from demo import toyclip, toye4e, toyfaces
-from stylegan2 import load_checkpoint
+from checkpoints import load_checkpoint
 
 SEEDS = range(toyclip.EVAL_SEED_START, toyclip.EVAL_SEED_START + 4)  # held-out faces (toyclip's evaluation range)
 MAX_BYTES = 10 * 2**20
