@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+import runtime
 from common import UserError
 from checkpoints import load_checkpoint
 from stylegan2 import upfirdn2d
@@ -109,7 +110,7 @@ SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="the baselines of the few-shot adaptation papers: TGAN, TGAN+ADA, FreezeD, EWC, BSA, MineGAN")
-    common.add_common_args(parser, origin="cdc.py's official schedule for tgan/ada/freezed/ewc/minegan, BSA's official config for bsa")
+    runtime.add_common_args(parser, origin="cdc.py's official schedule for tgan/ada/freezed/ewc/minegan, BSA's official config for bsa")
     parser.set_defaults(iter=None, batch=None, lr=None)  # None: the baseline's (module docstring)
     parser.add_argument("--baseline", choices=BASELINES, default="tgan", help="which baseline (default tgan: plain fine-tuning)")
     # METHOD: ADA
@@ -154,14 +155,14 @@ def parse_args(argv=None):
     parser.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability (default 0.9: official code)")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present)")
-    args = common.parse_args_or_demo(parser, argv, "baselines", run_name=lambda a: a.baseline, **common.DEMO_SCHEDULE)
+    args = runtime.parse_args_or_demo(parser, argv, "baselines", run_name=lambda a: a.baseline, **runtime.DEMO_SCHEDULE)
     defaults = BSA_DEFAULTS if args.baseline == "bsa" else GAN_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    common.check_common_args(args)
+    runtime.check_common_args(args)
     if args.baseline != "bsa":
-        common.check_discriminator_batch(args.batch)
+        runtime.check_discriminator_batch(args.batch)
     ada_transforms(args.ada_pipe, args.ada_exclude)  # one-line error for an unknown transform
     if not 0 <= args.ada_p or args.ada_kimg <= 0 or args.ada_interval < 1:
         raise UserError("--ada-p must be >= 0, --ada-kimg positive and --ada-interval at least 1")
@@ -173,7 +174,7 @@ def parse_args(argv=None):
         raise UserError("--miner-iters must be >= 0 and --miner-hidden at least 1")
     if min(args.bsa_latent_lr, args.bsa_perceptual, args.bsa_emd, args.bsa_reg) < 0:
         raise UserError("the --bsa-* weights and rates must be >= 0")
-    return common.finish_args(args)
+    return runtime.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,8 +569,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.baseline == "bsa":
         return train_bsa(args)
-    device = common.init_device(args.device, args.precision)
-    common.seed_everything(args.seed)
+    device = runtime.init_device(args.device, args.precision)
+    runtime.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
     models, source_ckpt = load_checkpoint(args.source, require=("g", "g_ema", "d"), device=device)
@@ -579,7 +580,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = common.RunDir(args.out)
+    run = runtime.RunDir(args.out)
     latent_dim = generator.style_dim
 
     # METHOD: what each baseline adds (ADA's pipeline, FreezeD's frozen blocks, EWC's Fisher, MineGAN's miner)
@@ -600,25 +601,25 @@ def main(argv=None):
 
     # SHARED: under torchrun D's minibatch stddev over the global batch (after EWC's Fisher, which runs whole batches in
     # every process); --precision bf16 autocasts G and D
-    common.distribute_discriminator(discriminator)
-    common.autocast_forwards(args.precision, g_source, generator, discriminator)
+    runtime.distribute_discriminator(discriminator)
+    runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
     m_optim = common.make_adam(miner.parameters(), args.lr, args.g_reg_every) if miner else None  # official: a group of g_optim
     if not args.ignore_source_optim and "g_optim" in source_ckpt and "d_optim" in source_ckpt:
-        common.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
-        common.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
+        runtime.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
+        runtime.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
 
     sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
     start = 0
 
-    resume_path = common.resolve_resume(args.resume, run)
+    resume_path = runtime.resolve_resume(args.resume, run)
     if resume_path:
-        state = common.load_training_checkpoint(resume_path)
-        start = common.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+        state = runtime.load_training_checkpoint(resume_path)
+        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         sample_z = state["sample_z"].to(device)
         mean_path_length = state["mean_path_length"].to(device)
         sampler.load_state_dict(state["sampler"])
@@ -637,7 +638,7 @@ def main(argv=None):
     def save(i_next):
         path = run.checkpoint_path(i_next)
         extra = dict(miner=miner.state_dict(), miner_optim=m_optim.state_dict()) if miner else {}
-        common.save_checkpoint(path, common.training_state(
+        runtime.save_checkpoint(path, runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             sample_z=sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
             ada_p=ada_p, ada_signs=list(ada_signs), **extra,
@@ -647,14 +648,14 @@ def main(argv=None):
     def write_samples(i):
         with torch.no_grad():
             adapted = g_ema(mine([sample_z]), noise=fixed_noise)[0]
-        common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
 
     def mine(zs):
         return miner(zs) if miner else zs  # MineGAN: G(M(z)); the others: G(z)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
-    pbar = common.progress_bar(start, args.iter)
-    with common.StopOnInterrupt() as interrupt:
+    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
+    pbar = runtime.progress_bar(start, args.iter)
+    with runtime.StopOnInterrupt() as interrupt:
         for i in pbar:
             # METHOD: MineGAN trains the miner alone for the first miner_iters iterations
             train_g = not miner or i >= args.miner_iters
@@ -666,26 +667,26 @@ def main(argv=None):
                 if args.baseline == "ada":
                     # every image D sees goes through A_p, drawn for the global batch (gathered under torchrun, then this
                     # process's rows), so its random stream is the single-process run's
-                    images = ada_augment(common.gather(images, args.batch), ada_p, ada_set)[common.rows(args.batch)]
+                    images = ada_augment(runtime.gather(images, args.batch), ada_p, ada_set)[runtime.rows(args.batch)]
                 return discriminator(images)  # [B, 1]
 
             # SHARED: D step
-            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
+            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             if miner:
                 common.requires_grad(miner, False)
             set_d_trainable(discriminator, True, frozen)  # FreezeD: the frozen blocks never get gradients
             with torch.no_grad():
-                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             real_pred = d_logits(real_img)
             d_loss = common.d_logistic_loss(real_pred, d_logits(fake_img))
             discriminator.zero_grad()
             d_loss.backward()
-            common.step(d_optim)
+            runtime.step(d_optim)
 
             # METHOD: ADA's p update from the sign of D on the reals, every ada_interval D steps
             if args.baseline == "ada" and not args.ada_fixed:
-                signs = common.gather(real_pred.detach(), args.batch).sign()  # [B, 1], the global batch's
+                signs = runtime.gather(real_pred.detach(), args.batch).sign()  # [B, 1], the global batch's
                 ada_signs = [ada_signs[0] + float(signs.sum()), ada_signs[1] + signs.numel()]
                 if (i + 1) % args.ada_interval == 0:
                     ada_p = ada_update_p(ada_p, ada_signs[0] / ada_signs[1], args.ada_target, args.batch, args.ada_interval, args.ada_kimg)
@@ -700,7 +701,7 @@ def main(argv=None):
                 discriminator.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                common.step(d_optim)
+                runtime.step(d_optim)
 
             # SHARED: G step
             common.requires_grad(generator, train_g)
@@ -711,7 +712,7 @@ def main(argv=None):
             if miner:
                 miner.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -722,19 +723,19 @@ def main(argv=None):
                 # L_G + lambda L_ewc
                 terms.add(args.ewc_weight * ewc_loss)
             terms.backward()
-            common.step(g_optim if train_g else None, m_optim)
+            runtime.step(g_optim if train_g else None, m_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing; MineGAN: through the miner, as its code)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = common.generate_rows(generator, sample_latents(path_batch), return_latents=True)
+                fake_img, latents = runtime.generate_rows(generator, sample_latents(path_batch), return_latents=True)
                 path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 if miner:
                     miner.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                common.step(g_optim if train_g else None, m_optim)
+                runtime.step(g_optim if train_g else None, m_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
@@ -744,17 +745,17 @@ def main(argv=None):
                 losses["ada_p"] = ada_p
             if args.baseline == "ewc":
                 losses["ewc"] = ewc_loss.item()
-            losses = common.mean_over_processes(losses)
-            pbar.set_postfix_str(common.format_losses(losses))
+            losses = runtime.mean_over_processes(losses)
+            pbar.set_postfix_str(runtime.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if common.any_process(interrupt.requested):
+            if runtime.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
+                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)
@@ -765,8 +766,8 @@ def main(argv=None):
 
 def train_bsa(args):
     """BSA: reconstruction training of the scale / shift of G's features and one latent per image; no D."""
-    device = common.init_device(args.device, args.precision)
-    common.seed_everything(args.seed)
+    device = runtime.init_device(args.device, args.precision)
+    runtime.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
     models, _ = load_checkpoint(args.source, require=("g", "g_ema", "d"), device=device)
@@ -775,7 +776,7 @@ def train_bsa(args):
     common.requires_grad(generator, False)
     common.requires_grad(discriminator, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = common.RunDir(args.out)
+    run = runtime.RunDir(args.out)
     latent_dim = generator.style_dim
 
     # METHOD: scale / shift per StyledConv channel (hooks), one z per training image (our choice: z_n ~ N(0, I))
@@ -796,9 +797,9 @@ def train_bsa(args):
     targets = dataset.as_float().to(device)  # [N, 3, H, W]
     start = 0
 
-    resume_path = common.resolve_resume(args.resume, run)
+    resume_path = runtime.resolve_resume(args.resume, run)
     if resume_path:
-        state = common.load_training_checkpoint(resume_path)
+        state = runtime.load_training_checkpoint(resume_path)
         start = int(state["iter"])
         scale_shift.load_state_dict(state["scale_shift"])
         with torch.no_grad():
@@ -806,7 +807,7 @@ def train_bsa(args):
         bsa_optim.load_state_dict(state["bsa_optim"])
         sample_z = state["sample_z"].to(device)
         sampler.load_state_dict(state["sampler"])
-        common.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         print(f"resuming {resume_path} at iteration {start}")
 
     # SHARED: the source half of the sample grids, one fixed noise for both halves
@@ -816,7 +817,7 @@ def train_bsa(args):
 
     def save(i_next):
         path = run.checkpoint_path(i_next)
-        common.save_checkpoint(path, common.training_state(
+        runtime.save_checkpoint(path, runtime.training_state(
             i_next, args, g_source, g_source, discriminator, g_optim, d_optim,
             scale_shift=scale_shift.state_dict(), bsa_latents=latents.detach().clone(), bsa_optim=bsa_optim.state_dict(),
             sample_z=sample_z, sampler=sampler.state_dict(),
@@ -827,20 +828,20 @@ def train_bsa(args):
         with torch.no_grad():
             adapted = generator([sample_z], noise=fixed_noise)[0]
             recon = generator([latents], noise=fixed_noise)[0]
-        common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
-        common.save_comparison_grid(os.path.join(run.samples, f"recon_{i:06d}.png"), targets.cpu(), recon.cpu())
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        runtime.save_comparison_grid(os.path.join(run.samples, f"recon_{i:06d}.png"), targets.cpu(), recon.cpu())
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
-    pbar = common.progress_bar(start, args.iter)
-    with common.StopOnInterrupt() as interrupt:
+    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
+    pbar = runtime.progress_bar(start, args.iter)
+    with runtime.StopOnInterrupt() as interrupt:
         for i in pbar:
             # METHOD: BSA's step schedule, lr x0.1 every 3000 iterations (official exponential_shift)
             for group, base in zip(bsa_optim.param_groups, base_lrs):
                 group["lr"] = base * BSA_LR_DECAY ** ((i + 1) // BSA_LR_DECAY_EVERY)
             index = next(sampler).to(device)  # [B] image indices
             z = latents[index] + BSA_Z_EPS * torch.randn(len(index), latent_dim, device=device)  # z_n + eps
-            part = common.rows(args.batch)  # this process's rows (all of them in a single process)
-            fake = common.generate_rows(generator, [z], noise=fixed_noise)[0]  # [B/N, 3, H, W]
+            part = runtime.rows(args.batch)  # this process's rows (all of them in a single process)
+            fake = runtime.generate_rows(generator, [z], noise=fixed_noise)[0]  # [B/N, 3, H, W]
             pixel_loss, perceptual_loss = bsa_reconstruction_loss(fake, targets[index[part]], lpips_fn, args.bsa_perceptual)
             gaussian = torch.randn(BSA_EMD_SAMPLES * len(index), latent_dim, device=device)  # [M, D] ~ N(0, I)
             emd_loss = latent_emd(latents[index], gaussian)
@@ -849,21 +850,21 @@ def train_bsa(args):
             loss = pixel_loss + args.bsa_perceptual * perceptual_loss + args.bsa_emd * emd_loss + args.bsa_reg * reg_loss
             bsa_optim.zero_grad()
             loss.backward()
-            common.step(bsa_optim)
+            runtime.step(bsa_optim)
 
             # SHARED: logging, samples, checkpoints
-            losses = common.mean_over_processes({"loss": loss.item(), "pixel": pixel_loss.item(), "perceptual": perceptual_loss.item(),
+            losses = runtime.mean_over_processes({"loss": loss.item(), "pixel": pixel_loss.item(), "perceptual": perceptual_loss.item(),
                                                  "emd": emd_loss.item(), "reg": reg_loss.item()})
-            pbar.set_postfix_str(common.format_losses(losses))
+            pbar.set_postfix_str(runtime.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if common.any_process(interrupt.requested):
+            if runtime.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
+                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)
@@ -873,4 +874,4 @@ def train_bsa(args):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runtime
 import stylegan2
 
 
@@ -209,9 +210,9 @@ def benchmark_method(args, device):
         base = run(1, "a")
         total = run(1 + args.repeat, "b")
     per_iter = (total - base) / args.repeat
-    peaks = common.gather_rows(torch.tensor([peak_memory_mb(device)], dtype=torch.float64)).tolist()  # every process's
+    peaks = runtime.gather_rows(torch.tensor([peak_memory_mb(device)], dtype=torch.float64)).tolist()  # every process's
     print(f"{args.method}.py: size {args.size}, batch {args.batch}, channel multiplier {args.channel_multiplier}, device {device.type}, "
-          f"processes {common.world_size()}, precision {args.precision}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+          f"processes {runtime.world_size()}, precision {args.precision}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"{per_iter:.3f} s per iteration ({1 / per_iter:.3f} it/s), averaged over {args.repeat} iterations")
     print("peak memory " + ", ".join(f"{mb:.0f}" for mb in peaks) + " MB" + (" (per process)" if len(peaks) > 1 else ""))
 
@@ -285,19 +286,19 @@ def main():
     parser.add_argument("--summed-backward", action="store_true",
                         help="with --method: one backward over the sum of the G step's loss terms (the form before common.LossTerms)")
     parser.add_argument("--asc-parts", action="store_true", help="time the parts of progressive_asc.py's L_asc instead")
-    parser.add_argument("--precision", choices=common.PRECISIONS, default="default",
+    parser.add_argument("--precision", choices=runtime.PRECISIONS, default="default",
                         help="as the method files' --precision (default: PyTorch's settings); also for the model timings")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if common.world_size() > 1 and not args.method:
+    if runtime.world_size() > 1 and not args.method:
         raise SystemExit("under torchrun bench.py times training iterations: add --method")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
 
     if args.method:
-        device = common.init_device(device.type, args.precision)  # under torchrun: this process's GPU, the process group
+        device = runtime.init_device(device.type, args.precision)  # under torchrun: this process's GPU, the process group
         benchmark_method(args, device)
-        return common.end_processes()
+        return runtime.end_processes()
     if args.asc_parts:
         return benchmark_asc_parts(args, device)
 
@@ -305,8 +306,8 @@ def main():
     g = stylegan2.Generator(args.size, channel_multiplier=args.channel_multiplier).to(device)
     d = stylegan2.Discriminator(args.size, channel_multiplier=args.channel_multiplier).to(device)
     g.set_modconv_form(args.form)
-    common.set_precision(device, args.precision)
-    common.autocast_forwards(args.precision, g, d)
+    runtime.set_precision(device, args.precision)
+    runtime.autocast_forwards(args.precision, g, d)
     models = {"ours": (g, d)}
     if args.reference:
         sys.path.insert(0, os.path.abspath(args.reference))

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runtime
 from common import UserError
 from checkpoints import load_checkpoint
 
@@ -47,7 +48,7 @@ OURS = "unstated in the paper: our choice"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="C3 few-shot adaptation (Lee et al., NeurIPS 2021 workshop)")
-    common.add_common_args(parser, origin=f"{OURS}, CDC's official code")
+    runtime.add_common_args(parser, origin=f"{OURS}, CDC's official code")
     # METHOD: contrastive cross-domain correspondence
     parser.add_argument("--con-wt", type=float, default=1.0,
                         help=f"lambda_con, weight of L_con (default 1: {OURS}; InfoNCE is O(log M), CDC's KL needs 1000)")
@@ -75,14 +76,14 @@ def parse_args(argv=None):
                         help="also write <out>/g_ema_cdc_generate.pt with DataParallel's module. prefix, the form CDC's official generate.py's --ckpt_target expects")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (CDC's code: loaded when present)")
-    args = common.parse_args_or_demo(parser, argv, "c3", **common.DEMO_SCHEDULE)
-    common.check_common_args(args)
-    common.check_discriminator_batch(args.batch)
+    args = runtime.parse_args_or_demo(parser, argv, "c3", **runtime.DEMO_SCHEDULE)
+    runtime.check_common_args(args)
+    runtime.check_discriminator_batch(args.batch)
     if args.con_batch < 2:
         raise UserError("--con-batch must be at least 2 (each anchor needs one negative)")
     if args.tau <= 0 or not 1 <= args.highp <= 4:
         raise UserError("--tau must be positive and --highp in 1..4")
-    return common.finish_args(args)
+    return runtime.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,8 +114,8 @@ def contrastive_correspondence_loss(feat_src, feat_tgt, tau):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.init_device(args.device, args.precision)
-    common.seed_everything(args.seed)
+    device = runtime.init_device(args.device, args.precision)
+    runtime.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
     models, source_ckpt = load_checkpoint(args.source, require=("g", "g_ema", "d"), device=device)
@@ -124,7 +125,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = common.RunDir(args.out)
+    run = runtime.RunDir(args.out)
     latent_dim = generator.style_dim
 
     # METHOD: CDC's patch head and which D map each patch level reads
@@ -134,25 +135,25 @@ def main(argv=None):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
 
     # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    common.distribute_discriminator(discriminator)
-    common.autocast_forwards(args.precision, g_source, generator, discriminator)
+    runtime.distribute_discriminator(discriminator)
+    runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
     e_optim = common.make_adam(head.parameters(), args.lr, args.d_reg_every)
     if not args.ignore_source_optim and "g_optim" in source_ckpt and "d_optim" in source_ckpt:
-        common.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
-        common.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
+        runtime.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
+        runtime.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
 
     sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
     start = 0
 
-    resume_path = common.resolve_resume(args.resume, run)
+    resume_path = runtime.resolve_resume(args.resume, run)
     if resume_path:
-        state = common.load_training_checkpoint(resume_path)
-        start = common.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+        state = runtime.load_training_checkpoint(resume_path)
+        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         sample_z = state["sample_z"].to(device)
@@ -168,7 +169,7 @@ def main(argv=None):
 
     def save(i_next):
         path = run.checkpoint_path(i_next)
-        common.save_checkpoint(path, common.training_state(
+        runtime.save_checkpoint(path, runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), sample_z=sample_z,
             mean_path_length=mean_path_length, sampler=sampler.state_dict(),
@@ -178,7 +179,7 @@ def main(argv=None):
     def write_samples(i):
         with torch.no_grad():
             adapted = g_ema([sample_z], noise=fixed_noise)[0]
-        common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
 
     # METHOD: the patch-level D (a fresh patch map per D call, as CDC's code) and the encoder f
     def d_logits(images):
@@ -189,29 +190,29 @@ def main(argv=None):
         """f(G(z)) as rows [M, D']: G's synthesis feature `index`, or D's patch map `index` of the image G(z) (this
         process's rows of the M under torchrun)."""
         if args.encoder == "generator":
-            _, feats = common.generate_rows(g, [z], noise=noise, return_feats=True, feats_upto=index)  # G stops after feats[index]
+            _, feats = runtime.generate_rows(g, [z], noise=noise, return_feats=True, feats_upto=index)  # G stops after feats[index]
             return feats[index].flatten(1)  # [M, C*h*w]
-        image, _ = common.generate_rows(g, [z], noise=noise)  # [M, 3, H, W]
+        image, _ = runtime.generate_rows(g, [z], noise=noise)  # [M, 3, H, W]
         feature = discriminator.feature_maps(image, stop_after=patch_maps[index])[-1]  # [M, C, h, w]
         return feature.mean((2, 3)) if args.d_pool == "mean" else feature.flatten(1)  # [M, C] or [M, C*h*w]
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
+    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
-    pbar = common.progress_bar(start, args.iter)
-    with common.StopOnInterrupt() as interrupt:
+    pbar = runtime.progress_bar(start, args.iter)
+    with runtime.StopOnInterrupt() as interrupt:
         for i in pbar:
             # SHARED: D step
-            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
+            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = common.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
+                fake_img, _ = runtime.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            common.step(d_optim, e_optim)
+            runtime.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -223,7 +224,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                common.step(d_optim, e_optim)
+                runtime.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -231,7 +232,7 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = common.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
+            fake_img, _ = runtime.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -250,47 +251,47 @@ def main(argv=None):
                 feat_tgt = encode(generator, z, noise_tgt, index)  # [M, D']
                 # InfoNCE couples the M latents: every process's rows gathered (autograd flows back to each), so every
                 # process computes the single-process loss of all M (common.py, 'Several processes')
-                feat_src, feat_tgt = common.gather(feat_src, args.con_batch), common.gather(feat_tgt, args.con_batch)
+                feat_src, feat_tgt = runtime.gather(feat_src, args.con_batch), runtime.gather(feat_tgt, args.con_batch)
                 con_loss = contrastive_correspondence_loss(feat_src, feat_tgt, args.tau)
                 # L_G + lambda_con L_con
                 terms.add(args.con_wt * con_loss)
             terms.backward()
-            common.step(g_optim)
+            runtime.step(g_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = common.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+                fake_img, latents = runtime.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
                 path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                common.step(g_optim)
+                runtime.step(g_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "con": con_loss.item(), "r1": r1_loss.item(),
+            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "con": con_loss.item(), "r1": r1_loss.item(),
                                                  "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(common.format_losses(losses))
+            pbar.set_postfix_str(runtime.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if common.any_process(interrupt.requested):
+            if runtime.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
+                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)
     path = save(args.iter)
     if args.cdc_export:
-        common.save_checkpoint(os.path.join(run.root, "g_ema_cdc_generate.pt"),
+        runtime.save_checkpoint(os.path.join(run.root, "g_ema_cdc_generate.pt"),
                                {"g_ema": {"module." + k: v for k, v in g_ema.state_dict().items()}})
     print(f"done: {path}")
     return path
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

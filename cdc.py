@@ -47,13 +47,14 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runtime
 from common import UserError
 from checkpoints import load_checkpoint
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="CDC few-shot adaptation (Ojha et al., CVPR 2021)")
-    common.add_common_args(parser)
+    runtime.add_common_args(parser)
     # METHOD: cross-domain distance consistency
     parser.add_argument("--kl-wt", type=float, default=1000, help="lambda, weight of L_dist (default 1000: official code)")
     parser.add_argument("--feat-const-batch", type=int, default=4, help="N+1 latents per L_dist batch (default 4: official code)")
@@ -85,14 +86,14 @@ def parse_args(argv=None):
                         help="also write <out>/g_ema_cdc_generate.pt with DataParallel's module. prefix, the form the official generate.py's --ckpt_target expects")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official: loaded when present)")
-    args = common.parse_args_or_demo(parser, argv, "cdc", **common.DEMO_SCHEDULE)
-    common.check_common_args(args)
-    common.check_discriminator_batch(args.batch)
+    args = runtime.parse_args_or_demo(parser, argv, "cdc", **runtime.DEMO_SCHEDULE)
+    runtime.check_common_args(args)
+    runtime.check_discriminator_batch(args.batch)
     if args.feat_const_batch < 3:
         raise UserError("--feat-const-batch must be at least 3 (each row needs two other samples to form a distribution)")
     if args.subspace_freq < 1 or not 1 <= args.highp <= 4:
         raise UserError("--subspace-freq must be >= 1 and --highp in 1..4")
-    return common.finish_args(args)
+    return runtime.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,8 +149,8 @@ def distance_consistency_loss(feats_src, feats_tgt, layer_idx, direction="source
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.init_device(args.device, args.precision)
-    common.seed_everything(args.seed)
+    device = runtime.init_device(args.device, args.precision)
+    runtime.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
     models, source_ckpt = load_checkpoint(args.source, require=("g", "g_ema", "d"), device=device)
@@ -159,7 +160,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = common.RunDir(args.out)
+    run = runtime.RunDir(args.out)
     latent_dim = generator.style_dim
 
     # METHOD: CDC's patch head, anchors and which D map each patch level reads
@@ -169,15 +170,15 @@ def main(argv=None):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
 
     # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    common.distribute_discriminator(discriminator)
-    common.autocast_forwards(args.precision, g_source, generator, discriminator)
+    runtime.distribute_discriminator(discriminator)
+    runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
     e_optim = common.make_adam(head.parameters(), args.lr, args.d_reg_every)
     if not args.ignore_source_optim and "g_optim" in source_ckpt and "d_optim" in source_ckpt:
-        common.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
-        common.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
+        runtime.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
+        runtime.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
 
     n_anchors = args.n_train or len(dataset)
     anchors = common.make_anchors(n_anchors, latent_dim, device)  # [K, D]
@@ -187,10 +188,10 @@ def main(argv=None):
     mean_path_length = torch.zeros((), device=device)
     start = 0
 
-    resume_path = common.resolve_resume(args.resume, run)
+    resume_path = runtime.resolve_resume(args.resume, run)
     if resume_path:
-        state = common.load_training_checkpoint(resume_path)
-        start = common.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+        state = runtime.load_training_checkpoint(resume_path)
+        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         anchors, sample_z, anchor_sample_z = state["anchors"].to(device), state["sample_z"].to(device), state["anchor_sample_z"].to(device)
@@ -207,7 +208,7 @@ def main(argv=None):
 
     def save(i_next):
         path = run.checkpoint_path(i_next)
-        common.save_checkpoint(path, common.training_state(
+        runtime.save_checkpoint(path, runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), anchors=anchors, sample_z=sample_z,
             anchor_sample_z=anchor_sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
@@ -218,13 +219,13 @@ def main(argv=None):
         with torch.no_grad():
             adapted = g_ema([sample_z], noise=fixed_noise)[0]
             adapted_anchor = g_ema([anchor_sample_z], noise=fixed_noise)[0]
-        common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
-        common.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        runtime.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
+    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
-    pbar = common.progress_bar(start, args.iter)
-    with common.StopOnInterrupt() as interrupt:
+    pbar = runtime.progress_bar(start, args.iter)
+    with runtime.StopOnInterrupt() as interrupt:
         for i in pbar:
             # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
             anchor_iter = args.adv == "both" and common.is_anchor_iteration(i, args.subspace_freq)
@@ -242,17 +243,17 @@ def main(argv=None):
                 return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
             # SHARED: D step
-            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
+            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            common.step(d_optim, e_optim)
+            runtime.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -264,7 +265,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                common.step(d_optim, e_optim)
+                runtime.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -272,7 +273,7 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -288,11 +289,11 @@ def main(argv=None):
                 # both generators stop at the deepest layer used (the official code also renders the image)
                 deepest = int(layer_idx.max()) if args.kl_layers == "random" else n_latent - 2
                 with torch.no_grad():
-                    _, feats_src = common.generate_rows(g_source, [z], noise=noise_src, return_feats=True, feats_upto=deepest)
-                _, feats_tgt = common.generate_rows(generator, [z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
+                    _, feats_src = runtime.generate_rows(g_source, [z], noise=noise_src, return_feats=True, feats_upto=deepest)
+                _, feats_tgt = runtime.generate_rows(generator, [z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
                 # L_dist couples the N latents: every process's rows gathered (autograd flows back to each), so every
                 # process computes the single-process loss of all N (common.py, 'Several processes')
-                feats_src, feats_tgt = common.gather(feats_src, args.feat_const_batch), common.gather(feats_tgt, args.feat_const_batch)
+                feats_src, feats_tgt = runtime.gather(feats_src, args.feat_const_batch), runtime.gather(feats_tgt, args.feat_const_batch)
                 if args.kl_layers == "random":
                     dist_loss = distance_consistency_loss(feats_src, feats_tgt, layer_idx, args.kl_direction, args.kl_reduction)
                 else:
@@ -305,42 +306,42 @@ def main(argv=None):
                 # L_G + lambda L_dist
                 terms.add(args.kl_wt * dist_loss)
             terms.backward()
-            common.step(g_optim)
+            runtime.step(g_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = common.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+                fake_img, latents = runtime.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
                 path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                common.step(g_optim)
+                runtime.step(g_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "dist": dist_loss.item(), "r1": r1_loss.item(),
+            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "dist": dist_loss.item(), "r1": r1_loss.item(),
                                                  "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(common.format_losses(losses))
+            pbar.set_postfix_str(runtime.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if common.any_process(interrupt.requested):
+            if runtime.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
+                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)
     path = save(args.iter)
     if args.cdc_export:
-        common.save_checkpoint(os.path.join(run.root, "g_ema_cdc_generate.pt"),
+        runtime.save_checkpoint(os.path.join(run.root, "g_ema_cdc_generate.pt"),
                                {"g_ema": {"module." + k: v for k, v in g_ema.state_dict().items()}})
     print(f"done: {path}")
     return path
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

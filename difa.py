@@ -82,6 +82,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runtime
 from common import UserError
 # the pretrained networks live in pretrained.py; every name difa.py used to define stays importable from difa
 from pretrained import (CLIP_MEAN, CLIP_STD, CLIP_URLS, E4E, E4E_FILE, E4E_SOURCE, BottleneckIRSE, EqualLinear,  # noqa: F401
@@ -134,7 +135,7 @@ def parse_args(argv=None):
     origin = "StyleGAN-NADA README command" if nada else "official README command"
     parser = argparse.ArgumentParser(description="DiFa one-shot adaptation (Zhang et al., NeurIPS 2022), or the StyleGAN-NADA "
                                                  "baseline (Gal et al., SIGGRAPH 2022) with --baseline nada")
-    common.add_common_args(parser, origin=origin, iter=301, batch=2, lr=0.002, seed=2,  # the same in both READMEs (NADA: seed 2 in train.py)
+    runtime.add_common_args(parser, origin=origin, iter=301, batch=2, lr=0.002, seed=2,  # the same in both READMEs (NADA: seed 2 in train.py)
                            sample_every=50, save_every=150 if nada else 300, n_sample=4)
     parser.add_argument("--baseline", choices=["nada"], default=None,
                         help="nada: StyleGAN-NADA instead of DiFa: the directional CLIP loss only, with its adaptive layer selection "
@@ -199,17 +200,17 @@ def parse_args(argv=None):
             raise UserError("--target-text and --target are exclusive: a run adapts to a text or to reference images")
         if first.source is not None:
             parser.set_defaults(target=text_slug(first.target_text))  # stands in for --target, which a run with --source needs
-    args = common.parse_args_or_demo(parser, argv, "difa", target=os.path.join(common.DEMO_TARGET, "00.png"), path_options=("clip_weights", "e4e", "clip_vocab"),
+    args = runtime.parse_args_or_demo(parser, argv, "difa", target=os.path.join(runtime.DEMO_TARGET, "00.png"), path_options=("clip_weights", "e4e", "clip_vocab"),
                                      iter=301, clip_mean_samples=1000,
                                      # the demo's own CLIP and e4e, trained on toy faces (demo/toyclip.py, demo/toye4e.py)
-                                     clip_models="toy", clip_weights=os.path.join(common.DEMO_DIR, "toyclip.pt"), clip_model_weights="1.0",
-                                     clip_vocab=os.path.join(common.DEMO_DIR, "toyclip_vocab.txt.gz"), prompt_template="a {} of a face",
-                                     e4e=os.path.join(common.DEMO_DIR, "toye4e.pt"),
+                                     clip_models="toy", clip_weights=os.path.join(runtime.DEMO_DIR, "toyclip.pt"), clip_model_weights="1.0",
+                                     clip_vocab=os.path.join(runtime.DEMO_DIR, "toyclip_vocab.txt.gz"), prompt_template="a {} of a face",
+                                     e4e=os.path.join(runtime.DEMO_DIR, "toye4e.pt"),
                                      # with the official lambda_scc 6 the toy e4e's consistency holds zero-shot DiFa at the source
                                      # (p(sketch) 0.0008 after 301 iterations, testbed's scorer; one-shot 0.77); 0.5 lets the toy
                                      # CLIP's direction through (0.64 zero-shot, 0.99 one-shot)
                                      psp_model_weight=0.5)
-    common.check_common_args(args)
+    runtime.check_common_args(args)
     args.clip_models = [m.strip() for m in args.clip_models.split(",") if m.strip()]
     args.clip_model_weights = [float(c) for c in args.clip_model_weights.split(",")]
     paths = args.clip_weights.split(",") if args.clip_weights else [None] * len(args.clip_models)
@@ -221,7 +222,7 @@ def parse_args(argv=None):
     if not 0 < args.psp_alpha <= 1:
         raise UserError(f"--psp-alpha must be in (0, 1], got {args.psp_alpha}")
     if args.resume is None:
-        given = common.explicit_options(parser, argv)
+        given = runtime.explicit_options(parser, argv)
         wrong = [name for name in (DIFA_ONLY if args.baseline == "nada" else NADA_ONLY) if name in given]
         if wrong:
             option = "--" + wrong[0].replace("_", "-")
@@ -241,7 +242,7 @@ def parse_args(argv=None):
         if not args.target_text.strip() or not args.source_text.strip():
             raise UserError("--target-text and --source-text must not be empty")
         args.target = text_slug(args.target_text)  # names the run folder; no image is read
-    return common.finish_args(args)
+    return runtime.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,8 +452,8 @@ def prompt_embeddings(text_tower, text, vocab, templates=NADA_TEMPLATES):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.init_device(args.device, args.precision)
-    common.seed_everything(args.seed)
+    device = runtime.init_device(args.device, args.precision)
+    runtime.seed_everything(args.seed)
     nada, text = args.baseline == "nada", args.target_text is not None
     select = nada and args.auto_layer_iters > 0  # NADA's adaptive layer selection
 
@@ -472,7 +473,7 @@ def main(argv=None):
     if select and k_layers > n_latent:
         raise UserError(f"--auto-layer-k {k_layers} exceeds the generator's {n_latent} W+ layers")
     references = None if text else common.list_images(args.target)
-    run = common.RunDir(args.out)
+    run = runtime.RunDir(args.out)
 
     # METHOD: CLIP towers; the reference embeddings and tokens, or the text prompts' embeddings
     antialias = not args.no_antialias
@@ -520,7 +521,7 @@ def main(argv=None):
         raise UserError(f"--num-keep-first {args.num_keep_first} exceeds the generator's {n_latent} W+ layers")
 
     # SHARED: --precision bf16 autocasts the generators
-    common.autocast_forwards(args.precision, g_source, generator)
+    runtime.autocast_forwards(args.precision, g_source, generator)
 
     g_optim = common.make_adam(params, args.lr, args.g_reg_every)
     queues = CodeQueues(args.sliding_window_size)
@@ -528,10 +529,10 @@ def main(argv=None):
     with torch.no_grad():
         mean_latent = g_source.mean_latent(MEAN_LATENT_SAMPLES)  # [1, D], shared by both grid halves
     start = 0
-    resume_path = common.resolve_resume(args.resume, run)
+    resume_path = runtime.resolve_resume(args.resume, run)
     state = None
     if resume_path:
-        state = common.load_training_checkpoint(resume_path)
+        state = runtime.load_training_checkpoint(resume_path)
         if "queues" not in state or "g_optim" not in state:
             raise UserError(f"{resume_path} was not written by difa.py (no SCC queues); cannot resume from it")
         try:
@@ -568,10 +569,10 @@ def main(argv=None):
             else:
                 print(f"computing the CLIP source mean from {args.clip_mean_samples} G_A samples")
                 mus = [clip_source_mean(g_source, t, args.clip_mean_samples, args.clip_mean_batch, antialias, args.seed + 1) for t in towers]
-                common.save_checkpoint(cache_path, {"key": key, "mu": [m.cpu() for m in mus]})
+                runtime.save_checkpoint(cache_path, {"key": key, "mu": [m.cpu() for m in mus]})
         directions = [reference_direction(e, m) for e, m in zip(ref_emb, mus)]  # d_m, each [D]
     if state is not None:
-        common.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         start = int(state["iter"])
         print(f"resuming {resume_path} at iteration {start}")
 
@@ -587,10 +588,10 @@ def main(argv=None):
             extra["e4e_buffers"] = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k or "num_batches" in k}
         if mus is not None:
             extra["clip_source_mean"] = [m.cpu() for m in mus]
-        common.save_checkpoint(path, {
+        runtime.save_checkpoint(path, {
             "g": generator.state_dict(), "g_ema": generator.state_dict(), **extra,  # no EMA: g_ema is G_B, as the release
-            "g_optim": g_optim.state_dict(), "args": common.args_to_dict(args), "run_args": args.run_args, "iter": i_next,
-            "rng": common.get_rng_state(),
+            "g_optim": g_optim.state_dict(), "args": runtime.args_to_dict(args), "run_args": args.run_args, "iter": i_next,
+            "rng": runtime.get_rng_state(),
             "queues": queues.state_dict(), "sample_z": sample_z, "mean_latent": mean_latent,
         })
         return path
@@ -598,15 +599,15 @@ def main(argv=None):
     def write_samples(i):
         with torch.no_grad():  # no losses, no queue pushes
             adapted = generator([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0]
-        common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
 
     def e4e_codes(x):
         """The kept e4e codes [B, K] of the global batch from this process's rows x [B/N, 3, H, W]: each process
         encodes its rows and the codes are gathered; with --e4e-bn train, whose BatchNorm pools the batch, the
         images are gathered first and every process encodes the whole batch."""
         if args.e4e_bn == "train":
-            return encoder(e4e_input(common.gather(x, args.batch), encoder.size, antialias))[:, :args.num_keep_first].flatten(1)
-        return common.gather(encoder(e4e_input(x, encoder.size, antialias))[:, :args.num_keep_first].flatten(1), args.batch)
+            return encoder(e4e_input(runtime.gather(x, args.batch), encoder.size, antialias))[:, :args.num_keep_first].flatten(1)
+        return runtime.gather(encoder(e4e_input(x, encoder.size, antialias))[:, :args.num_keep_first].flatten(1), args.batch)
 
     def selection_loss(w_plus):
         """L_sel(w+) = sum_m c_m mean_b 1 - cos(E_m(G_B(w+)), t_m), w+ [B, L, D] (random noise, truncation 1)."""
@@ -614,9 +615,9 @@ def main(argv=None):
         return sum(c * clip_similarity_loss(F.normalize(t(clip_input(x, t.resolution, antialias))[0], dim=-1), target)
                    for t, c, target in zip(towers, args.clip_model_weights, select_targets))
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
-    pbar = common.progress_bar(start, args.iter)
-    with common.StopOnInterrupt() as interrupt:
+    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
+    pbar = runtime.progress_bar(start, args.iter)
+    with runtime.StopOnInterrupt() as interrupt:
         for i in pbar:
             # METHOD: one w per sample, the same w for both generators, independent noise
             z = torch.randn(args.batch, latent_dim, device=device)  # drawn before NADA's selection codes, as its train.py
@@ -632,8 +633,8 @@ def main(argv=None):
                 losses["select"] = select_loss.item()
             with torch.no_grad():
                 w = g_source.get_latent(z)  # [B, D]
-                x_a, _ = common.generate_rows(g_source, [w], input_is_latent=True)  # [B/N, 3, H, W]: this process's rows
-            x_b, _ = common.generate_rows(generator, [w], input_is_latent=True)  # [B/N, 3, H, W]
+                x_a, _ = runtime.generate_rows(g_source, [w], input_is_latent=True)  # [B/N, 3, H, W]: this process's rows
+            x_b, _ = runtime.generate_rows(generator, [w], input_is_latent=True)  # [B/N, 3, H, W]
 
             # METHOD: global and local CLIP losses, tokens from the same forward as E(x_B)
             global_loss, local_loss, clip_total = (torch.zeros((), device=device) for _ in range(3))
@@ -665,7 +666,7 @@ def main(argv=None):
                 for p in params:  # layers not chosen: zero gradients, no update (Adam's beta1 = 0), as the release
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-            common.step(g_optim)
+            runtime.step(g_optim)
 
             # SHARED: logging, samples, checkpoints
             losses = {"loss": loss.item(), "global": global_loss.item(), **losses}
@@ -673,17 +674,17 @@ def main(argv=None):
                 losses["local"] = local_loss.item()
             if not nada:
                 losses.update(scc=scc.item(), scc_ramp=ramp)
-            losses = common.mean_over_processes(losses)
-            pbar.set_postfix_str(common.format_losses(losses))
+            losses = runtime.mean_over_processes(losses)
+            pbar.set_postfix_str(runtime.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if common.any_process(interrupt.requested):
+            if runtime.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
+                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)
@@ -693,4 +694,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

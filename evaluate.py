@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import runtime
 from common import UserError
 from checkpoints import load_checkpoint, read_checkpoint
 
@@ -160,24 +161,24 @@ def generate(g, z, batch, truncation=1.0, w_avg=None, noise=None, progress=None,
     (random). features: a function of a chunk's uint8 images (e.g. pool3 features, `inception_batch`): then its
     results, concatenated, in place of the images, and no more than a chunk of images is ever held.
 
-    Under torchrun each process renders a contiguous share of the chunks (common.shard) and the results are
+    Under torchrun each process renders a contiguous share of the chunks (runtime.shard) and the results are
     gathered in chunk order, in every process. Every process draws the random noise of every chunk, in order, so
     each chunk gets the noise it gets in a single process, and the results are the single-process ones."""
     starts = range(0, len(z), batch)
-    mine = common.shard(len(starts))
+    mine = runtime.shard(len(starts))
     out = []
-    for k in tqdm(range(len(starts)), desc=progress, disable=progress is None or not common.is_main(), leave=False):
+    for k in tqdm(range(len(starts)), desc=progress, disable=progress is None or not runtime.is_main(), leave=False):
         chunk = z[starts[k] : starts[k] + batch]
         chunk_noise = noise
-        if noise is None and common.world_size() > 1:
-            chunk_noise = common.noise_maps(g, len(chunk))  # the forward's own draw, made here for every chunk
+        if noise is None and runtime.world_size() > 1:
+            chunk_noise = runtime.noise_maps(g, len(chunk))  # the forward's own draw, made here for every chunk
         if k not in mine:
             continue
         images, _ = g([chunk], truncation=truncation, truncation_latent=w_avg, noise=chunk_noise,
                       randomize_noise=noise is None)
         images = to_uint8(images).cpu()
         out.append(images if features is None else features(images))
-    return common.gather_rows(torch.cat(out) if out else None)
+    return runtime.gather_rows(torch.cat(out) if out else None)
 
 
 def read_folder(path):
@@ -225,10 +226,10 @@ def inception_features(model, images, batch, device, desc=None):
     """Pool3 features [N, 2048] (float64 numpy) of uint8 images, in batches of equally sized images; under
     torchrun each process computes a contiguous share of the batches and the features are gathered, in order."""
     chunks = list(_batches_by_size(images, batch))
-    mine = common.shard(len(chunks))
+    mine = runtime.shard(len(chunks))
     feats = [inception_batch(model, chunk, device)
-             for k, chunk in enumerate(tqdm(chunks, desc=desc, disable=desc is None or not common.is_main(), leave=False)) if k in mine]
-    return common.gather_rows(torch.cat(feats) if feats else None).numpy()
+             for k, chunk in enumerate(tqdm(chunks, desc=desc, disable=desc is None or not runtime.is_main(), leave=False)) if k in mine]
+    return runtime.gather_rows(torch.cat(feats) if feats else None).numpy()
 
 
 def feature_statistics(feats):
@@ -253,13 +254,13 @@ def real_statistics(folder, model, batch, device, cache_dir=CACHE_DIR, weights_t
         stat = os.stat(file)
         key.update(f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     cache = os.path.join(cache_dir, f"fid_stats_{key.hexdigest()[:16]}.npz")
-    if not common.any_process(not os.path.exists(cache)):  # under torchrun: used when every process has it
+    if not runtime.any_process(not os.path.exists(cache)):  # under torchrun: used when every process has it
         data = np.load(cache)
         return data["mu"], data["sigma"], int(data["n"])
     _, images = read_folder(folder)
     feats = inception_features(model, images, batch, device, desc="real images")
     mu, sigma = feature_statistics(feats)
-    if common.is_main():
+    if runtime.is_main():
         os.makedirs(cache_dir, exist_ok=True)
         tmp = cache + ".tmp.npz"
         np.savez(tmp, mu=mu, sigma=sigma, n=len(files))
@@ -298,12 +299,12 @@ def inception_probabilities(model, images, batch, device, resize=False):
         raise UserError("the Inception Score at native size needs images of at least 75 px; use --resize (299 px)")
     chunks = list(_batches_by_size(images, batch))
     probs = []
-    for k in common.shard(len(chunks)):
+    for k in runtime.shard(len(chunks)):
         x = chunks[k].to(device).float() / 127.5 - 1  # [b, 3, H, W] in [-1, 1]
         if resize:
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         probs.append(F.softmax(model(x), dim=1).cpu().double())
-    return common.gather_rows(torch.cat(probs) if probs else None).numpy()
+    return runtime.gather_rows(torch.cat(probs) if probs else None).numpy()
 
 
 def inception_score(probs, splits=10):
@@ -355,7 +356,7 @@ def assign_clusters(model, generated, centers, batch, device, size=256):
     center_feats = lpips_features(model, _lpips_input(centers, size).to(device))
     starts = range(0, len(generated), batch)
     assignment = []
-    for start in tqdm([starts[k] for k in common.shard(len(starts))], desc="assigning", disable=not common.is_main(), leave=False):
+    for start in tqdm([starts[k] for k in runtime.shard(len(starts))], desc="assigning", disable=not runtime.is_main(), leave=False):
         feats = lpips_features(model, _lpips_input(generated[start : start + batch], size).to(device))
         b = feats[0].shape[0]
         dist = torch.stack([
@@ -363,7 +364,7 @@ def assign_clusters(model, generated, centers, batch, device, size=256):
             for k in range(len(centers))
         ], 1)  # [b, K]
         assignment.append(dist.argmin(1).cpu())
-    return common.gather_rows(torch.cat(assignment) if assignment else None)
+    return runtime.gather_rows(torch.cat(assignment) if assignment else None)
 
 
 @torch.no_grad()
@@ -373,10 +374,10 @@ def intra_cluster_lpips(model, generated, assignment, n_clusters, device, cluste
     NaN for clusters with fewer than 2 members, member counts). Under torchrun each process computes a contiguous
     share of the clusters (every process draws every cluster's shuffle, in order) and the values are gathered."""
     rng = random.Random(seed)
-    mine = common.shard(n_clusters)
+    mine = runtime.shard(n_clusters)
     per_cluster = []
     counts = []
-    for k in tqdm(range(n_clusters), desc="IC-LPIPS clusters", disable=not common.is_main(), leave=False):
+    for k in tqdm(range(n_clusters), desc="IC-LPIPS clusters", disable=not runtime.is_main(), leave=False):
         members = (assignment == k).nonzero().squeeze(1).tolist()
         counts.append(len(members))
         rng.shuffle(members)
@@ -393,7 +394,7 @@ def intra_cluster_lpips(model, generated, assignment, n_clusters, device, cluste
             i, j = pairs[0, start : start + batch], pairs[1, start : start + batch]
             dists.append(lpips_from_features(model, [f[i] for f in feats], [f[j] for f in feats]))
         per_cluster.append(torch.cat(dists).mean().item())
-    per_cluster = common.gather_rows(torch.tensor(per_cluster, dtype=torch.float64)).tolist()
+    per_cluster = runtime.gather_rows(torch.tensor(per_cluster, dtype=torch.float64)).tolist()
     valid = [v for v in per_cluster if not math.isnan(v)]
     mean = float(np.mean(valid)) if valid else float("nan")
     std = float(np.std(valid)) if valid else float("nan")
@@ -415,7 +416,7 @@ def correspondence_grid(models, z, truncation, w_avg, noise):
     """uint8 image: one row per model (source first), the same z in each column."""
     rows = [generate(g, z, len(z), truncation, w_avg, noise) for g in models]
     images = torch.cat(rows).float() / 127.5 - 1
-    return common.image_grid(images, nrow=len(z))
+    return runtime.image_grid(images, nrow=len(z))
 
 
 def interpolation_frames(source, adapted, keyframes, steps, truncation, w_avg, noise):
@@ -597,7 +598,7 @@ def read_photos(folder, size):
 def model_names(paths, names=None):
     """A name per checkpoint: --names, else the run folder of <run>/checkpoints/x.pt, else the file name."""
     if names is None:
-        names = [os.path.basename(common.checkpoint_run_folder(p) or os.path.splitext(p)[0]) for p in paths]
+        names = [os.path.basename(runtime.checkpoint_run_folder(p) or os.path.splitext(p)[0]) for p in paths]
     if len(names) != len(paths):
         raise UserError(f"--names gives {len(names)} names for {len(paths)} checkpoints")
     if len(set(names)) != len(names) or "source" in names:
@@ -690,13 +691,13 @@ def photo_codes(args, source, names, photos, device):
 
 
 def save_codes(path, names, codes):
-    common.save_checkpoint(path, {name: code.cpu() for name, code in zip(names, codes)})
+    runtime.save_checkpoint(path, {name: code.cpu() for name, code in zip(names, codes)})
     print(f"wrote {path} ({len(names)} W+ codes)")
 
 
 def save_strip(path, images, nrow):
     """uint8 images [N, 3, H, W] as a grid of nrow columns."""
-    common.save_png(path, common.image_grid(images.float() / 127.5 - 1, nrow))
+    runtime.save_png(path, runtime.image_grid(images.float() / 127.5 - 1, nrow))
 
 
 # The StyleGAN paper's coarse / middle / fine styles: 4^2-8^2, 16^2-32^2, 64^2 and up, two W+ slots per
@@ -747,7 +748,7 @@ def ganspace_components(source, path, n_samples, device, cache_dir=CACHE_DIR, se
     components = (components * largest.sign()).float()  # [D, D]
     stdevs = variances.flip(0).clamp_min(0).sqrt().float()  # [D]
     os.makedirs(cache_dir, exist_ok=True)
-    common.save_checkpoint(cache, {"components": components.cpu(), "stdevs": stdevs.cpu()})
+    runtime.save_checkpoint(cache, {"components": components.cpu(), "stdevs": stdevs.cpu()})
     return components, stdevs
 
 
@@ -931,7 +932,7 @@ def cmd_compare(args, device):
                                                    centers, is_model, real_feats, pairing)})
     table = markdown_table(rows)
     print(table)
-    if common.is_main():
+    if runtime.is_main():
         with open(args.csv, "w", newline="") as f:
             columns = list(dict.fromkeys(k for row in rows for k in row))
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -972,7 +973,7 @@ def cmd_grid(args, device):
     w_avg = source_mean_latent(source, args.truncation, device)
     noise = fixed_noise(source)  # one noise for all rows
     grid = correspondence_grid(models, z, args.truncation, w_avg, noise)
-    common.save_png(args.out, grid)
+    runtime.save_png(args.out, grid)
     print(f"wrote {args.out} ({len(models)} rows: source, {', '.join(args.ckpt)})")
 
 
@@ -1036,7 +1037,7 @@ def cmd_invert(args, device):
     lpips_recon = photo_lpips(lpips_model, recon, photos, device)  # [N]
     lpips_random = photo_lpips(lpips_model, random_images, photos, device)  # [N]
     path = os.path.join(args.out, "reconstruction.png")
-    common.save_comparison_grid(path, photos.float() / 127.5 - 1, recon.float() / 127.5 - 1)
+    runtime.save_comparison_grid(path, photos.float() / 127.5 - 1, recon.float() / 127.5 - 1)
     print(f"wrote {path} (photos left, reconstructions right)")
     how = f"e4e {args.e4e}" if args.e4e else f"{args.steps} optimisation steps"
     print(f"reconstruction LPIPS {lpips_recon.mean():.4f} ({how}); a random code's {lpips_random.mean():.4f} "
@@ -1056,7 +1057,7 @@ def cmd_translate(args, device):
     for k, file in enumerate(files):
         stem = os.path.splitext(file)[0]
         for name, images in zip(["source", *names], columns[1:]):
-            common.save_png(os.path.join(args.out, f"{stem}_{name}.png"), images[k])
+            runtime.save_png(os.path.join(args.out, f"{stem}_{name}.png"), images[k])
     grid = torch.stack(columns, 1).flatten(0, 1)  # [N (2 + K), 3, S, S], one row per photo
     path = os.path.join(args.out, "translation.png")
     save_strip(path, grid, len(columns))
@@ -1248,9 +1249,9 @@ SHARDED_COMMANDS = ("fid", "kid", "is", "iclpips", "density-coverage", "pair", "
 
 def main(argv=None):
     args = parse_args(argv)
-    if common.world_size() > 1 and args.command not in SHARDED_COMMANDS:
+    if runtime.world_size() > 1 and args.command not in SHARDED_COMMANDS:
         raise UserError(f"evaluate.py {args.command} runs in one process (python evaluate.py ...); under torchrun: {', '.join(SHARDED_COMMANDS)}")
-    device = common.init_device(args.device)
+    device = runtime.init_device(args.device)
     torch.manual_seed(getattr(args, "seed", 0))
     handlers = {"fid": cmd_fid, "kid": cmd_kid, "is": cmd_is, "iclpips": cmd_iclpips, "compare": cmd_compare,
                 "grid": cmd_grid, "interpolate": cmd_interpolate, "export": cmd_export, "pair": cmd_pair,
@@ -1259,4 +1260,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runtime
 from common import UserError
 from checkpoints import load_checkpoint
 
@@ -75,7 +76,7 @@ ASC_LAYER_RULES = ("official", "to-half")  # the named --asc-layers lists (asc_l
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Progressive few-shot adaptation with ASC (Moon et al., AAAI 2023)")
-    common.add_common_args(parser, origin="official run_train.sh", sample_every=1000)
+    runtime.add_common_args(parser, origin="official run_train.sh", sample_every=1000)
     # METHOD: progressive reference + instance-level distance consistency (CDC's loss against g_ema)
     parser.add_argument("--kl-wt", type=float, default=1000, help="lambda_prog, weight of L_idc and factor of L_asc (default 1000: official code)")
     parser.add_argument("--feat-const-batch", type=int, default=4, help="latents per L_idc batch and per L_asc batch (default 4: official code)")
@@ -127,9 +128,9 @@ def parse_args(argv=None):
     parser.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability on non-anchor iterations (default 0.9: official code)")
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official: loaded when present)")
-    args = common.parse_args_or_demo(parser, argv, "progressive_asc", **common.DEMO_SCHEDULE)
-    common.check_common_args(args)
-    common.check_discriminator_batch(args.batch)
+    args = runtime.parse_args_or_demo(parser, argv, "progressive_asc", **runtime.DEMO_SCHEDULE)
+    runtime.check_common_args(args)
+    runtime.check_discriminator_batch(args.batch)
     if args.feat_const_batch < 3:
         raise UserError("--feat-const-batch must be at least 3 (each row needs two other samples to form a distribution)")
     if args.subspace_freq < 1 or not 1 <= args.highp <= 4:
@@ -138,7 +139,7 @@ def parse_args(argv=None):
         raise UserError("--cutoff must be in [0, 1], --blur 0 or odd, --winsize >= 1 and --winsize-inc >= 1")
     if args.asc_latents == "shared" and (args.no_asc or args.no_idc or args.asc_ref != args.idc_ref):
         raise UserError("--asc-latents shared needs both L_asc and L_idc, with the same reference (--asc-ref = --idc-ref)")
-    return common.finish_args(args)
+    return runtime.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,8 +414,8 @@ def default_asc_layers(g, rule="official"):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.init_device(args.device, args.precision)
-    common.seed_everything(args.seed)
+    device = runtime.init_device(args.device, args.precision)
+    runtime.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
     models, source_ckpt = load_checkpoint(args.source, require=("g", "g_ema", "d"), device=device)
@@ -424,7 +425,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)  # G_{n-alpha}: frozen, moved only by the EMA
     dataset = common.ImageFolder(args.target, generator.size)
-    run = common.RunDir(args.out)
+    run = runtime.RunDir(args.out)
     latent_dim = generator.style_dim
 
     # METHOD: references and ASC layers
@@ -446,15 +447,15 @@ def main(argv=None):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
 
     # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    common.distribute_discriminator(discriminator)
-    common.autocast_forwards(args.precision, g_source, g_ema, generator, discriminator)
+    runtime.distribute_discriminator(discriminator)
+    runtime.autocast_forwards(args.precision, g_source, g_ema, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
     e_optim = common.make_adam(head.parameters(), args.lr, args.d_reg_every)
     if not args.ignore_source_optim and "g_optim" in source_ckpt and "d_optim" in source_ckpt:
-        common.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
-        common.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
+        runtime.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
+        runtime.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
 
     n_anchors = args.n_train or (len(dataset) if len(dataset) > 4 else 1)
     anchors = common.make_anchors(n_anchors, latent_dim, device)  # [K, D]
@@ -464,10 +465,10 @@ def main(argv=None):
     mean_path_length = torch.zeros((), device=device)
     start = 0
 
-    resume_path = common.resolve_resume(args.resume, run)
+    resume_path = runtime.resolve_resume(args.resume, run)
     if resume_path:
-        state = common.load_training_checkpoint(resume_path)
-        start = common.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+        state = runtime.load_training_checkpoint(resume_path)
+        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         anchors, sample_z, anchor_sample_z = state["anchors"].to(device), state["sample_z"].to(device), state["anchor_sample_z"].to(device)
@@ -484,7 +485,7 @@ def main(argv=None):
 
     def save(i_next):
         path = run.checkpoint_path(i_next)
-        common.save_checkpoint(path, common.training_state(
+        runtime.save_checkpoint(path, runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), anchors=anchors, sample_z=sample_z,
             anchor_sample_z=anchor_sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
@@ -495,13 +496,13 @@ def main(argv=None):
         with torch.no_grad():
             adapted = g_ema([sample_z], noise=fixed_noise)[0]
             adapted_anchor = g_ema([anchor_sample_z], noise=fixed_noise)[0]
-        common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
-        common.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        runtime.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
+    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
-    pbar = common.progress_bar(start, args.iter)
-    with ThreadPoolExecutor(max_workers=args.feat_const_batch) as flow_pool, common.StopOnInterrupt() as interrupt:
+    pbar = runtime.progress_bar(start, args.iter)
+    with ThreadPoolExecutor(max_workers=args.feat_const_batch) as flow_pool, runtime.StopOnInterrupt() as interrupt:
         for i in pbar:
             # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
             anchor_iter = common.is_anchor_iteration(i, args.subspace_freq)
@@ -519,17 +520,17 @@ def main(argv=None):
                 return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
             # SHARED: D step
-            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
+            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            common.step(d_optim, e_optim)
+            runtime.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -541,7 +542,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                common.step(d_optim, e_optim)
+                runtime.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -549,7 +550,7 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -593,32 +594,32 @@ def main(argv=None):
             # (10) L_G + lambda_prog (L_idc + lambda_asc L_asc); one term: L_idc and L_asc can share G_n's forward
             terms.add(args.kl_wt * (dist_loss + ASC_WEIGHT_FACTOR * args.lfcw * asc_loss))
             terms.backward()
-            common.step(g_optim)
+            runtime.step(g_optim)
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)
             path_loss = torch.zeros((), device=device)
             if i % args.g_reg_every == 0:
                 path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = common.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+                fake_img, latents = runtime.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
                 path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                common.step(g_optim)
+                runtime.step(g_optim)
 
             # SHARED: EMA (G_{n-alpha} <- d G_{n-alpha} + (1 - d) G_n), logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "idc": dist_loss.item(), "asc": asc_loss.item(),
+            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "idc": dist_loss.item(), "asc": asc_loss.item(),
                                                  "r1": r1_loss.item(), "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(common.format_losses(losses))
+            pbar.set_postfix_str(runtime.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if common.any_process(interrupt.requested):
+            if runtime.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
+                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)
@@ -628,4 +629,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

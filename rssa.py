@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runtime
 from common import UserError
 from checkpoints import load_checkpoint, read_checkpoint
 
@@ -102,7 +103,7 @@ GRAM_CHUNK_ELEMENTS = 2**24  # correlation entries per row block of L_scc (two s
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RSSA few-shot adaptation (Xiao et al., CVPR 2022)")
-    common.add_common_args(parser, iter=2001)
+    runtime.add_common_args(parser, iter=2001)
     # METHOD: relaxed spatial structural alignment
     parser.add_argument("--preset", choices=sorted(PRESETS), default="face",
                         help="source family (blend table), iterations, span of P and anchors of an official run.sh line; --iter, "
@@ -170,20 +171,20 @@ def parse_args(argv=None):
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present)")
     parser.set_defaults(iter=None)  # None: the preset's
-    args = common.parse_args_or_demo(parser, argv, "rssa", **common.DEMO_SCHEDULE, invert_steps=500)
+    args = runtime.parse_args_or_demo(parser, argv, "rssa", **runtime.DEMO_SCHEDULE, invert_steps=500)
     preset = PRESETS[args.preset]
     args.iter = preset.iters if args.iter is None else args.iter
     args.blend = args.blend or preset.blend
     args.span = args.span or preset.span
     args.n_train = args.n_train or preset.n_train
-    common.check_common_args(args)
-    common.check_discriminator_batch(args.batch)
+    runtime.check_common_args(args)
+    runtime.check_discriminator_batch(args.batch)
     if args.feat_const_batch < 2 or args.dcc_every < 1 or args.invert_steps < 1 or args.invert_lr <= 0 or args.invert_batch < 0:
         raise UserError("--feat-const-batch must be at least 2, --dcc-every and --invert-steps at least 1, --invert-lr positive, "
                         "--invert-batch at least 0")
     if args.subspace_freq < 1 or not 1 <= args.highp <= 4:
         raise UserError("--subspace-freq must be >= 1 and --highp in 1..4")
-    return common.finish_args(args)
+    return runtime.finish_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,8 +439,8 @@ def target_codes(args, g, dataset, run, device):
         codes, history = torch.cat([c for c, _ in parts]), torch.cat([h for _, h in parts], 1)  # [N, L, D], [steps, N]
     with torch.no_grad():
         recon, _ = g([codes], input_is_latent=True, randomize_noise=False)  # [N, 3, S, S]
-    common.save_comparison_grid(os.path.join(run.root, "target_codes.png"), images.cpu(), recon.cpu())
-    common.save_checkpoint(path, {"files": names, "codes": codes.cpu(), "settings": settings, "loss": history[-1].cpu()})
+    runtime.save_comparison_grid(os.path.join(run.root, "target_codes.png"), images.cpu(), recon.cpu())
+    runtime.save_checkpoint(path, {"files": names, "codes": codes.cpu(), "settings": settings, "loss": history[-1].cpu()})
     return codes
 
 
@@ -449,8 +450,8 @@ def target_codes(args, g, dataset, run, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.init_device(args.device, args.precision)
-    common.seed_everything(args.seed)
+    device = runtime.init_device(args.device, args.precision)
+    runtime.seed_everything(args.seed)
 
     # SHARED: source checkpoint, target images, run folder
     models, source_ckpt = load_checkpoint(args.source, require=("g_ema", "d"), device=device)
@@ -460,7 +461,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = common.RunDir(args.out)
+    run = runtime.RunDir(args.out)
     latent_dim = generator.style_dim
 
     # METHOD: CDC's patch head, anchors and which D map each patch level reads
@@ -474,15 +475,15 @@ def main(argv=None):
     scc_layers, dcc_layers, dcc_grids = structure_layers(generator)
 
     # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    common.distribute_discriminator(discriminator)
-    common.autocast_forwards(args.precision, g_source, generator, discriminator)
+    runtime.distribute_discriminator(discriminator)
+    runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
     e_optim = common.make_adam(head.parameters(), args.lr, args.d_reg_every)
     if not args.ignore_source_optim and "g_optim" in source_ckpt and "d_optim" in source_ckpt:
-        common.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
-        common.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
+        runtime.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
+        runtime.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
 
     n_anchors = args.n_train or len(dataset)
     anchors = common.make_anchors(n_anchors, latent_dim, device)  # [K, D]
@@ -493,10 +494,10 @@ def main(argv=None):
     codes = None
     start = 0
 
-    resume_path = common.resolve_resume(args.resume, run)
+    resume_path = runtime.resolve_resume(args.resume, run)
     if resume_path:
-        state = common.load_training_checkpoint(resume_path)
-        start = common.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+        state = runtime.load_training_checkpoint(resume_path)
+        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         anchors, sample_z, anchor_sample_z = state["anchors"].to(device), state["sample_z"].to(device), state["anchor_sample_z"].to(device)
@@ -522,7 +523,7 @@ def main(argv=None):
 
     def save(i_next):
         path = run.checkpoint_path(i_next)
-        common.save_checkpoint(path, common.training_state(
+        runtime.save_checkpoint(path, runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), anchors=anchors, sample_z=sample_z,
             anchor_sample_z=anchor_sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
@@ -534,13 +535,13 @@ def main(argv=None):
         with torch.no_grad():
             adapted = g_ema([latents_wplus(g_ema, [sample_z], projectors, blend)], input_is_latent=True, noise=fixed_noise)[0]
             adapted_anchor = g_ema([latents_wplus(g_ema, [anchor_sample_z], projectors, blend)], input_is_latent=True, noise=fixed_noise)[0]
-        common.save_comparison_grid(run.sample_path(i), source_samples, adapted)
-        common.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        runtime.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = common.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
+    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_const = args.feat_const_batch
-    pbar = common.progress_bar(start, args.iter)
-    with common.StopOnInterrupt() as interrupt:
+    pbar = runtime.progress_bar(start, args.iter)
+    with runtime.StopOnInterrupt() as interrupt:
         for i in pbar:
             # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
             anchor_iter = common.is_anchor_iteration(i, args.subspace_freq)
@@ -560,17 +561,17 @@ def main(argv=None):
                 return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
             # SHARED: D step
-            real_img = next(sampler)[common.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
+            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = common.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
+                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            common.step(d_optim, e_optim)
+            runtime.step(d_optim, e_optim)
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -582,7 +583,7 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                common.step(d_optim, e_optim)
+                runtime.step(d_optim, e_optim)
 
             # SHARED: G step
             common.requires_grad(generator, True)
@@ -590,7 +591,7 @@ def main(argv=None):
             common.requires_grad(head, False)
             generator.zero_grad()
             terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = common.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
             terms.add(g_loss)
 
@@ -601,10 +602,10 @@ def main(argv=None):
                 path_z = torch.randn(n_const, latent_dim, device=device)  # [N, D]
                 with torch.no_grad():
                     w_src = latents_wplus(g_source, [path_z], projectors, blend)  # [N, L, D], G_s's own mapping
-                    _, feats_src = common.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
+                    _, feats_src = runtime.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
                                                         feats_upto=scc_layers[-1])
                 w_tgt = latents_wplus(generator, [path_z], projectors, blend)  # [N, L, D], G_t's mapping
-                _, feats_tgt = common.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+                _, feats_tgt = runtime.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
                                                     feats_upto=scc_layers[-1])
                 scc_loss = self_correlation_loss([feats_src[k] for k in scc_layers], [feats_tgt[k] for k in scc_layers])
                 terms.add(args.scc_wt * scc_loss)
@@ -620,19 +621,19 @@ def main(argv=None):
                 dcc_projectors = projectors if args.dcc_compress else None
                 with torch.no_grad():
                     w_src = latents_wplus(g_source, [z], dcc_projectors, blend)  # [N, L, D]
-                    _, feats_src = common.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
+                    _, feats_src = runtime.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
                                                         feats_upto=dcc_layers[-1])
                 w_tgt = latents_wplus(generator, [z], dcc_projectors, blend)  # [N, L, D]
-                _, feats_tgt = common.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+                _, feats_tgt = runtime.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
                                                     feats_upto=dcc_layers[-1])
                 # L_dcc couples the N latents (pairs j < k): every process's rows gathered (autograd flows back to each),
                 # so every process computes the single-process loss of all N (common.py, 'Several processes')
-                feats_src, feats_tgt = common.gather(feats_src, n_const), common.gather(feats_tgt, n_const)
+                feats_src, feats_tgt = runtime.gather(feats_src, n_const), runtime.gather(feats_tgt, n_const)
                 dcc_loss = disturbance_correlation_loss(feats_src, feats_tgt, dcc_grids)
                 terms.add(args.dcc_wt * dcc_loss)
             # L_G + lambda_scc L_scc + lambda_dcc L_dcc, term by term
             terms.backward()
-            common.step(g_optim)
+            runtime.step(g_optim)
 
             # SHARED: lazy path-length regularisation, through P (official: on the structure losses' codes)
             path_loss = torch.zeros((), device=device)
@@ -642,27 +643,27 @@ def main(argv=None):
                     zs = common.mixing_noise(path_batch, latent_dim, args.mixing, device)
                 else:
                     zs = [path_z]
-                fake_img, latents = common.generate_rows(generator, [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)],
+                fake_img, latents = runtime.generate_rows(generator, [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)],
                                                          input_is_latent=True, return_latents=True)
                 path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=len(zs[0]))
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                common.step(g_optim)
+                runtime.step(g_optim)
 
             # SHARED: EMA, logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = common.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "scc": scc_loss.item(), "dcc": dcc_loss.item(),
+            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "scc": scc_loss.item(), "dcc": dcc_loss.item(),
                                                  "r1": r1_loss.item(), "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(common.format_losses(losses))
+            pbar.set_postfix_str(runtime.format_losses(losses))
             log.write(i, losses)
             if i % args.sample_every == 0:
                 write_samples(i)
             if (i + 1) % args.save_every == 0:
                 save(i + 1)
-            if common.any_process(interrupt.requested):
+            if runtime.any_process(interrupt.requested):
                 path = save(i + 1)
                 pbar.close()
-                print(f"stopped after iteration {i}; resume with: {common.resume_command(__file__, path)}")
+                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
                 raise SystemExit(130)
     pbar.close()
     write_samples(args.iter)
@@ -672,4 +673,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

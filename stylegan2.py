@@ -664,7 +664,7 @@ class Discriminator(nn.Module):
 
         self.stddev_group = stddev_group
         self.stddev_feat = 1
-        # None: the stddev groups are formed over the batch D is given. Under torchrun, common.distribute_discriminator
+        # None: the stddev groups are formed over the batch D is given. Under torchrun, runtime.distribute_discriminator
         # sets a function x -> (the global batch gathered over the processes, this process's rows of it)
         self.batch_gather = None
         self.final_conv = ConvLayer(in_channel + 1, channels[4], 3, clamp=conv_clamp)

@@ -23,9 +23,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import (  # noqa: E402
-    EMA_DECAY, UserError, accumulate, d_logistic_loss, d_r1_loss, format_losses, g_nonsaturating_loss,
-    get_rng_state, image_grid, make_adam, mixing_noise, progress_bar, requires_grad, resolve_device,
-    run_main, save_checkpoint, save_png, seed_everything, set_rng_state,
+    EMA_DECAY, UserError, accumulate, d_logistic_loss, d_r1_loss, g_nonsaturating_loss, make_adam, mixing_noise, requires_grad,
+)
+from runtime import (  # noqa: E402
+    format_losses, get_rng_state, image_grid, progress_bar, resolve_device, run_main, save_checkpoint, save_png, seed_everything,
+    set_rng_state,
 )
 from demo import toyfaces  # noqa: E402
 from checkpoints import read_checkpoint  # noqa: E402

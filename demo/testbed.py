@@ -57,6 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import runtime  # noqa: E402
 from demo import toyfaces  # noqa: E402
 from demo.toynet import frechet_distance, geometry_error, intra_cluster_diversity, load_toynet, toy_outputs  # noqa: E402
 from evaluate import load_generator  # noqa: E402
@@ -156,7 +157,7 @@ class Run:
 def training_images(style, shots, seed):
     """The k training images of a run: file paths among demo/targets/<style> (all ten at 10 shots; drawn
     without replacement by the seed otherwise, so every method of a seed trains on the same images)."""
-    folder = os.path.join(common.DEMO_DIR, "targets", style)
+    folder = os.path.join(runtime.DEMO_DIR, "targets", style)
     names = sorted(common.list_images(folder))
     if shots == len(names):
         return names
@@ -167,7 +168,7 @@ def training_images(style, shots, seed):
 def paths(run):
     """The image files a (forward) run trains on: DiFa's and NADA's first sketch, else its k drawn targets."""
     if run.name in ONE_SHOT:
-        return [os.path.join(common.DEMO_DIR, "targets", run.style, "00.png")]
+        return [os.path.join(runtime.DEMO_DIR, "targets", run.style, "00.png")]
     return training_images(run.style, run.shots, run.seed)
 
 
@@ -225,7 +226,7 @@ def run_method(run, args, source=None):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     if result.returncode != 0:
         return seconds, 0, lines[-1] if lines else f"exit {result.returncode}"
-    state = common.load_training_checkpoint(common.RunDir(out).latest_checkpoint())
+    state = runtime.load_training_checkpoint(runtime.RunDir(out).latest_checkpoint())
     return seconds, int(state["iter"]), None
 
 
@@ -391,7 +392,7 @@ def labelled_rows(rows, scale=3):
     strips = []
     width = max(190, max(cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)[0][0] for label, _ in rows) + 16)
     for label, images in rows:
-        grid = common.image_grid(images, len(images)).permute(1, 2, 0).numpy()  # [h, w, 3] uint8
+        grid = runtime.image_grid(images, len(images)).permute(1, 2, 0).numpy()  # [h, w, 3] uint8
         grid = cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
         margin = np.full((grid.shape[0], width, 3), 255, np.uint8)
         cv2.putText(margin, label, (8, grid.shape[0] // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
@@ -470,8 +471,8 @@ def line_plot(series, xs, title, y_label, size=(560, 360)):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    source = load_checkpoint(common.DEMO_SOURCE, require=("g_ema",), device=device)[0]["g_ema"]
+    device = runtime.resolve_device(args.device)
+    source = load_checkpoint(runtime.DEMO_SOURCE, require=("g_ema",), device=device)[0]["g_ema"]
     args.size = source.size
     grid = [Run(name, style, shots, seed) for seed in args.seeds for style in args.styles for shots in args.shots for name in args.methods]
     grid = list({r.folder(args): r for r in grid}.values())  # one-shot and zero-shot runs are the same at every --shots
@@ -489,7 +490,7 @@ def main(argv=None):
             first = Run(run.name, run.style, ROUND_TRIP_SHOTS, run.seed)
             if futures[first.folder(args)].result() is not None:
                 return "its first leg did not run"
-            return train(run, args, source=common.RunDir(first.folder(args)).latest_checkpoint())
+            return train(run, args, source=runtime.RunDir(first.folder(args)).latest_checkpoint())
 
         futures.update({r.folder(args): pool.submit(train_back, r) for r in backs})
         for folder, future in futures.items():
@@ -520,7 +521,7 @@ def main(argv=None):
                     error = errors.get(run.folder(args)) or (None if finished(run, args) else "not run yet")
                     if error is not None:
                         continue
-                    folder = common.RunDir(run.folder(args))
+                    folder = runtime.RunDir(run.folder(args))
                     # as each method samples: RSSA behind its P, MineGAN behind its miner, BSA with its scale / shift
                     adapted_images = draw(load_generator(folder.latest_checkpoint(), device), z)
                     run_feats = train_feats if run.shots == len(toyfaces.TARGET_SEEDS) or run.shots == 0 else \
@@ -530,7 +531,7 @@ def main(argv=None):
                     values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})
                     back = Run(name, style, ROUND_TRIP_SHOTS, seed, back=True)
                     if shots == ROUND_TRIP_SHOTS and any(b.folder(args) == back.folder(args) for b in backs) and finished(back, args):
-                        round_trip = load_generator(common.RunDir(back.folder(args)).latest_checkpoint(), device)
+                        round_trip = load_generator(runtime.RunDir(back.folder(args)).latest_checkpoint(), device)
                         values.update(round_trip_score(net, source_images, draw(round_trip, z)))
                     per_seed.append(values)
                     if seed == args.seeds[0] and name not in pictured:
@@ -573,4 +574,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    runtime.run_main(main)

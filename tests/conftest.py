@@ -216,7 +216,7 @@ def run_script(script, argv, cwd=ROOT, env=None):
 
 def assert_cli_errors(script, cases, base):
     """Each case run as `python <script> argv base` exits 2 with one stderr line `error: ...message...` (what a
-    user sees, through the script's common.run_main; each case a process of its own, see run_script)."""
+    user sees, through the script's runtime.run_main; each case a process of its own, see run_script)."""
     for args, message in cases:
         code, _, stderr = run_script(script, [*args, *base])
         stderr = stderr.strip()

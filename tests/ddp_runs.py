@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+import runtime  # noqa: E402
 
 # the batch and the run lengths test_ddp.py compares with (the batch splits 2 / 2; the path-length batch of 2 too;
 # CDC's 3 latents are computed whole in each process, C3's 4 split)
@@ -57,7 +58,7 @@ def record_writes(path):
     """Append every checkpoint and PNG this process writes to `path`."""
     import PIL.Image
 
-    save_atomically, image_save = common.save_atomically, PIL.Image.Image.save
+    save_atomically, image_save = runtime.save_atomically, PIL.Image.Image.save
 
     def log(target):
         with open(path, "a") as f:
@@ -71,7 +72,7 @@ def record_writes(path):
         log(target)
         return image_save(image, target, *args, **kwargs)
 
-    common.save_atomically = recorded_save_atomically
+    runtime.save_atomically = recorded_save_atomically
     PIL.Image.Image.save = recorded_image_save
 
 
@@ -80,7 +81,7 @@ def main(root, source, target):
     import cdc
     import evaluate
 
-    record_writes(os.path.join(root, f"writes_{common.rank()}.txt"))
+    record_writes(os.path.join(root, f"writes_{runtime.rank()}.txt"))
     common.load_lpips = squeezenet_lpips(common.load_lpips)
     results = {}
     eval_dir = os.path.join(root, "eval")
@@ -91,11 +92,11 @@ def main(root, source, target):
     as_float64()
     from cdc import distance_consistency_loss
 
-    share = [f[common.rows(4)].clone().requires_grad_(True) for f in dc_loss_features(4)]  # this process's 2 rows
-    loss = distance_consistency_loss(dc_loss_features(3), common.gather(share, 4), torch.tensor(DC_LAYERS))
+    share = [f[runtime.rows(4)].clone().requires_grad_(True) for f in dc_loss_features(4)]  # this process's 2 rows
+    loss = distance_consistency_loss(dc_loss_features(3), runtime.gather(share, 4), torch.tensor(DC_LAYERS))
     loss.backward()
     results["dc_loss"] = loss.item()
-    torch.save([common.gather_rows(s.grad) for s in share], os.path.join(root, "dc_grads.pt"))
+    torch.save([runtime.gather_rows(s.grad) for s in share], os.path.join(root, "dc_grads.pt"))
 
     base = ["--source", source, "--target", target, *TRAIN]
     cdc.main([*base, *CDC, "--out", os.path.join(root, "cdc")])
@@ -103,27 +104,27 @@ def main(root, source, target):
 
     # Ctrl-C in rank 1 only, during iteration 0 (its flag is read at the end of iteration 1): every process stops
     # after iteration 1, rank 0 writes checkpoints/000002.pt, and the run resumes from it to iteration 4
-    any_process, calls = common.any_process, []
+    any_process, calls = runtime.any_process, []
 
     def interrupted_in_rank_1(flag):
         calls.append(flag)
-        if len(calls) == 1 and common.rank() == 1:
+        if len(calls) == 1 and runtime.rank() == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return any_process(flag)
 
-    common.any_process = interrupted_in_rank_1
+    runtime.any_process = interrupted_in_rank_1
     try:
         cdc.main([*base, *CDC, "--out", os.path.join(root, "interrupted")])
     except SystemExit as stop:
         results["interrupted_exit"] = stop.code
-    common.any_process = any_process
+    runtime.any_process = any_process
     torch.distributed.barrier()
     cdc.main(["--resume", os.path.join(root, "interrupted", "checkpoints", "000002.pt"), "--iter", "4"])
 
-    if common.is_main():
+    if runtime.is_main():
         with open(os.path.join(root, "results.json"), "w") as f:
             json.dump(results, f)
-    common.end_processes()
+    runtime.end_processes()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import common
+import runtime
 from common import UserError
 from stylegan2 import Discriminator, Generator
 
@@ -242,48 +243,48 @@ def test_ema_accumulate():
 
 
 def test_rng_state_round_trip(tmp_path):
-    common.seed_everything(5)
-    state = common.get_rng_state()
+    runtime.seed_everything(5)
+    state = runtime.get_rng_state()
     path = str(tmp_path / "rng.pt")
-    common.save_checkpoint(path, {"rng": state, "iter": 0, "g": {}})
+    runtime.save_checkpoint(path, {"rng": state, "iter": 0, "g": {}})
     first = (random.random(), np.random.rand(), torch.rand(1).item())
-    common.seed_everything(99)
-    common.set_rng_state(common.load_training_checkpoint(path)["rng"])
+    runtime.seed_everything(99)
+    runtime.set_rng_state(runtime.load_training_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint(path, {"iter": 1, "g": {"w": torch.ones(2)}})
+    runtime.save_checkpoint(path, {"iter": 1, "g": {"w": torch.ones(2)}})
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        common.save_checkpoint(path, {"iter": 2, "g": Unpicklable()})
+        runtime.save_checkpoint(path, {"iter": 2, "g": Unpicklable()})
     assert torch.load(path)["iter"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
 def test_run_dir_resume_and_log(tmp_path):
-    run = common.RunDir(str(tmp_path / "run"))
+    run = runtime.RunDir(str(tmp_path / "run"))
     with pytest.raises(UserError, match="no checkpoint"):
-        common.resolve_resume("auto", run)
-    common.save_checkpoint(run.checkpoint_path(10), {"iter": 10, "g": {}})
-    common.save_checkpoint(run.checkpoint_path(200), {"iter": 200, "g": {}})
-    assert common.resolve_resume("auto", run).endswith("000200.pt")
-    assert common.resolve_resume(None, run) is None
+        runtime.resolve_resume("auto", run)
+    runtime.save_checkpoint(run.checkpoint_path(10), {"iter": 10, "g": {}})
+    runtime.save_checkpoint(run.checkpoint_path(200), {"iter": 200, "g": {}})
+    assert runtime.resolve_resume("auto", run).endswith("000200.pt")
+    assert runtime.resolve_resume(None, run) is None
     with pytest.raises(UserError, match="not found"):
-        common.resolve_resume(str(tmp_path / "x.pt"), run)
+        runtime.resolve_resume(str(tmp_path / "x.pt"), run)
     torch.save({"g_ema": {}}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="cannot resume"):
-        common.load_training_checkpoint(str(tmp_path / "foreign.pt"))
+        runtime.load_training_checkpoint(str(tmp_path / "foreign.pt"))
 
-    log = common.CSVLog(run.log_path)
+    log = runtime.CSVLog(run.log_path)
     for i in range(5):
         log.write(i, {"d": i * 0.5, "g": torch.tensor(1.0 + i)})
-    resumed = common.CSVLog(run.log_path, resume_from=3)
+    resumed = runtime.CSVLog(run.log_path, resume_from=3)
     resumed.write(3, {"d": 9.0, "g": 9.0})
     lines = open(run.log_path).read().split()
     assert lines == ["iter,d,g", "0,0,1", "1,0.5,2", "2,1,3", "3,9,9"]
@@ -293,7 +294,7 @@ def test_comparison_grid_png(tmp_path):
     source = torch.rand(4, 3, 8, 8) * 2 - 1
     adapted = -torch.ones(4, 3, 8, 8)
     path = str(tmp_path / "grid.png")
-    common.save_comparison_grid(path, source, adapted)
+    runtime.save_comparison_grid(path, source, adapted)
     image = np.asarray(Image.open(path))
     # two 2x2 grids of 8-px images with 2-px padding (22 px square) and an 8-px white gap
     assert image.shape == (22, 22 + 8 + 22, 3)
@@ -302,29 +303,29 @@ def test_comparison_grid_png(tmp_path):
 
 
 def test_device_and_args():
-    assert common.resolve_device("cpu").type == "cpu"
-    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.resolve_device("cpu").type == "cpu"
+    assert runtime.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
-            common.resolve_device("cuda")
+            runtime.resolve_device("cuda")
     with pytest.raises(UserError):
-        common.resolve_device("tpu")
+        runtime.resolve_device("tpu")
     import argparse
 
-    parser = common.add_common_args(argparse.ArgumentParser(), iter=100)
+    parser = runtime.add_common_args(argparse.ArgumentParser(), iter=100)
     args = parser.parse_args(["--source", "s.pt", "--target", "t", "--resume"])
     assert args.iter == 100 and args.batch == 4 and args.resume == "auto" and args.n_sample == 25
     args.batch = 0
     with pytest.raises(UserError, match="--batch"):
-        common.check_common_args(args)
+        runtime.check_common_args(args)
 
 
 def test_run_main_prints_one_line_and_exits_2(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(
-        "import sys\nsys.path.insert(0, %r)\nimport common\n"
+        "import sys\nsys.path.insert(0, %r)\nimport common\nimport runtime\n"
         "def main(argv):\n    common.ImageFolder('/definitely/missing', 8)\n"
-        "common.run_main(main)\n" % os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        "runtime.run_main(main)\n" % os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert result.returncode == 2
@@ -345,7 +346,7 @@ def test_training_state_round_trip(tmp_path):
     g_optim.step()
     args = argparse.Namespace(iter=10, lr=0.002, target="t", resume=None, device=torch.device("cpu"))
     path = str(tmp_path / "000007.pt")
-    common.save_checkpoint(path, common.training_state(7, args, g, g_ema, d, g_optim, d_optim, anchors=torch.ones(3, 8)))
+    runtime.save_checkpoint(path, runtime.training_state(7, args, g, g_ema, d, g_optim, d_optim, anchors=torch.ones(3, 8)))
     expected_draw = torch.rand(3)
 
     from checkpoints import load_checkpoint
@@ -354,19 +355,19 @@ def test_training_state_round_trip(tmp_path):
     assert set(models) == {"g", "g_ema", "d"} and raw["args"]["iter"] == 10 and "device" not in raw["args"]
 
     g2, g_ema2, d2, g_optim2, d_optim2 = build()
-    start = common.restore_training_state(common.load_training_checkpoint(path), g2, g_ema2, d2, g_optim2, d_optim2)
+    start = runtime.restore_training_state(runtime.load_training_checkpoint(path), g2, g_ema2, d2, g_optim2, d_optim2)
     assert start == 7
     assert torch.equal(torch.rand(3), expected_draw)  # RNG restored to the moment of saving
     assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), g2.state_dict().values()))
     assert torch.equal(g_optim.state_dict()["state"][0]["exp_avg_sq"], g_optim2.state_dict()["state"][0]["exp_avg_sq"])
     wrong = Generator(32, style_dim=8, n_mlp=1, channel_cap=8)
     with pytest.raises(UserError, match="does not match"):
-        common.restore_training_state(common.load_training_checkpoint(path), wrong, g_ema2, d2, g_optim2, d_optim2)
+        runtime.restore_training_state(runtime.load_training_checkpoint(path), wrong, g_ema2, d2, g_optim2, d_optim2)
 
 
 def test_format_losses_and_progress():
-    assert common.format_losses({"d": 1.23456, "g": torch.tensor(0.5)}) == "d 1.235 g 0.5"
-    bar = common.progress_bar(3, 10)
+    assert runtime.format_losses({"d": 1.23456, "g": torch.tensor(0.5)}) == "d 1.235 g 0.5"
+    bar = runtime.progress_bar(3, 10)
     assert list(bar) == list(range(3, 10)) and bar.total == 10
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import runtime
 from demo import toyfaces
 from demo.toynet import frechet_distance, geometry_error, load_toynet, toy_outputs
 from conftest import ROOT
@@ -60,7 +61,7 @@ def test_sketch_strokes_follow_the_source_edges():
 
 def test_committed_target_sets_are_the_renderer_output():
     for style in toyfaces.TARGET_STYLES:
-        folder = os.path.join(common.DEMO_DIR, "targets", style)
+        folder = os.path.join(runtime.DEMO_DIR, "targets", style)
         files = common.list_images(folder)
         assert len(files) == len(toyfaces.TARGET_SEEDS) == 10
         for file, seed in zip(files, toyfaces.TARGET_SEEDS):
@@ -86,8 +87,8 @@ def test_toynet_reads_style_and_shared_geometry(toynet):
 
 
 def test_shipped_source_checkpoint_generates_toy_faces(toynet):
-    assert os.path.getsize(common.DEMO_SOURCE) <= 20 * 2**20
-    models, ckpt = load_checkpoint(common.DEMO_SOURCE)  # strict, rosinality layout with g, g_ema and d
+    assert os.path.getsize(runtime.DEMO_SOURCE) <= 20 * 2**20
+    models, ckpt = load_checkpoint(runtime.DEMO_SOURCE)  # strict, rosinality layout with g, g_ema and d
     g_ema = models["g_ema"]
     assert g_ema.size == 32 and set(models) == {"g", "g_ema", "d"} and "g_optim" in ckpt and "d_optim" in ckpt
     with torch.no_grad():
@@ -127,7 +128,7 @@ def test_short_demo_adaptation_reaches_the_target_and_cdc_keeps_more_diversity(r
     torch.set_num_threads(min(2, os.cpu_count() or 1))  # the runs are done and this test is the last: score on two cores
 
     style = toyfaces.STYLES.index("sketch")
-    source = load_checkpoint(common.DEMO_SOURCE, require=("g_ema",))[0]["g_ema"]
+    source = load_checkpoint(runtime.DEMO_SOURCE, require=("g_ema",))[0]["g_ema"]
     z, target_feats, train_feats, source_images, source_geometry = reference(toynet, source, "sketch", 300)
     before = score(toynet, source_images, source_geometry, target_feats, train_feats, style)
     after = {}
@@ -159,17 +160,17 @@ def test_no_source_and_target_means_the_demo(capsys, tmp_path, monkeypatch):
     for module in (cdc, c3, rssa, progressive_asc):
         name = module.__name__
         args = module.parse_args([])
-        assert args.demo and args.source == common.DEMO_SOURCE and args.target == common.DEMO_TARGET
+        assert args.demo and args.source == runtime.DEMO_SOURCE and args.target == runtime.DEMO_TARGET
         assert args.out == os.path.join("runs", f"{name}-demo")
         assert "demo: no --source/--target given" in capsys.readouterr().err
         assert module.parse_args(["--iter", "3", "--out", "x"]).iter == 3  # the command line still wins
         assert module.parse_args(["--iter", "3", "--out", "x"]).out == "x"
         with pytest.raises(common.UserError, match="give both --source and --target"):
-            module.parse_args(["--source", common.DEMO_SOURCE])
-        assert not module.parse_args(["--source", common.DEMO_SOURCE, "--target", common.DEMO_TARGET]).demo
+            module.parse_args(["--source", runtime.DEMO_SOURCE])
+        assert not module.parse_args(["--source", runtime.DEMO_SOURCE, "--target", runtime.DEMO_TARGET]).demo
     args = difa.parse_args([])
     assert args.demo and os.path.isfile(args.target) and args.psp_model_weight > 0  # the toy e4e is on
-    assert args.clip_models == ["toy"] and args.clip_paths == [os.path.join(common.DEMO_DIR, "toyclip.pt")]
+    assert args.clip_models == ["toy"] and args.clip_paths == [os.path.join(runtime.DEMO_DIR, "toyclip.pt")]
 
 
 def test_difa_without_clip_weights_says_so(tmp_path, monkeypatch):
@@ -184,5 +185,5 @@ def test_difa_without_clip_weights_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(common.UserError, match=r"CLIP ViT-B/32 is not in .*--clip-weights"):
-        difa.main(["--source", common.DEMO_SOURCE, "--target", os.path.join(common.DEMO_TARGET, "00.png")])
+        difa.main(["--source", runtime.DEMO_SOURCE, "--target", os.path.join(runtime.DEMO_TARGET, "00.png")])
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import runtime
 import difa
 import pretrained
 from conftest import assert_cli_errors
@@ -649,7 +650,7 @@ def test_text_target_arguments(setup, capsys):
     assert args.target == "a-pencil-sketch" and args.out == os.path.join("runs", "difa-a-pencil-sketch") and not args.demo
     assert args.source_text == "photo" and args.sample_truncation == 0.5 and args.save_every == 300
     demo = difa.parse_args(["--target-text", "a pencil sketch"])  # the demo source, no reference image
-    assert demo.demo and demo.source == common.DEMO_SOURCE and demo.target == "a-pencil-sketch"
+    assert demo.demo and demo.source == runtime.DEMO_SOURCE and demo.target == "a-pencil-sketch"
     assert demo.prompt_template == "a {} of a face" and args.prompt_template is None  # the toy CLIP's caption grammar
     nada = difa.parse_args(["--baseline", "nada", "--source", source, "--target-text", "x"])
     assert nada.save_every == 150 and nada.sample_truncation == 0.7 and nada.auto_layer_k is None and nada.auto_layer_iters == 1
@@ -674,6 +675,6 @@ def test_text_and_nada_one_line_errors(setup, weights, tmp_path, capsys):
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            common.run_main(difa.main, [*base, *args])
+            runtime.run_main(difa.main, [*base, *args])
         stderr = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and stderr.startswith("error: ") and message in stderr and "\n" not in stderr, stderr

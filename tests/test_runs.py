@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import cdc
-import common
 from common import UserError
 from conftest import ROOT, assert_cli_errors
 

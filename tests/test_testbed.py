@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import runtime
 from demo import testbed, toyfaces
 
 
@@ -58,10 +59,10 @@ def test_demo_flag_keeps_the_demo_settings_with_another_target(tmp_path):
     import cdc
 
     args = cdc.parse_args(["--demo", "--target", str(tmp_path)])
-    assert args.demo and args.source == common.DEMO_SOURCE and args.target == str(tmp_path)
-    assert args.iter == common.DEMO_SCHEDULE["iter"] and args.n_sample == common.DEMO_SCHEDULE["n_sample"]
+    assert args.demo and args.source == runtime.DEMO_SOURCE and args.target == str(tmp_path)
+    assert args.iter == runtime.DEMO_SCHEDULE["iter"] and args.n_sample == runtime.DEMO_SCHEDULE["n_sample"]
     assert cdc.parse_args(["--demo", "--target", str(tmp_path), "--iter", "9"]).iter == 9  # given options still win
-    plain = cdc.parse_args(["--source", common.DEMO_SOURCE, "--target", str(tmp_path)])
+    plain = cdc.parse_args(["--source", runtime.DEMO_SOURCE, "--target", str(tmp_path)])
     assert not plain.demo and plain.iter == 5002
 
 

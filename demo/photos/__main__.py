@@ -19,7 +19,8 @@ import tempfile
 from PIL import Image
 
 import evaluate
-from common import RunDir, UserError, run_main
+from common import UserError
+from runtime import RunDir, run_main
 from demo import toyfaces
 
 PHOTOS_DIR = os.path.dirname(os.path.abspath(__file__))
