@@ -580,7 +580,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = runtime.RunDir(args.out)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
     latent_dim = generator.style_dim
 
     # METHOD: what each baseline adds (ADA's pipeline, FreezeD's frozen blocks, EWC's Fisher, MineGAN's miner)
@@ -614,12 +614,13 @@ def main(argv=None):
     sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
-    start = 0
+    # SHARED: under torchrun D's minibatch stddev over the global batch, gradients averaged in each optimiser's step(),
+    # the sampler's batches cut to this process's rows; nothing in one process
+    runtime.distribute(discriminator, [g_optim, d_optim, m_optim], sampler)
 
-    resume_path = runtime.resolve_resume(args.resume, run)
-    if resume_path:
-        state = runtime.load_training_checkpoint(resume_path)
-        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+    state = run.resume_state()
+    if state is not None:
+        run.start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         sample_z = state["sample_z"].to(device)
         mean_path_length = state["mean_path_length"].to(device)
         sampler.load_state_dict(state["sampler"])
@@ -627,7 +628,6 @@ def main(argv=None):
         if miner:
             miner.load_state_dict(state["miner"])
             m_optim.load_state_dict(state["miner_optim"])
-        print(f"resuming {resume_path} at iteration {start}")
 
     # SHARED: the source half of the sample grids (the source's g_ema), one fixed noise for both halves
     fixed_noise = [getattr(g_source_ema.noises, f"noise_{k}") for k in range(g_source_ema.num_layers)]
@@ -635,15 +635,13 @@ def main(argv=None):
         source_samples = g_source_ema([sample_z], noise=fixed_noise)[0].cpu()
     del g_source_ema
 
-    def save(i_next):
-        path = run.checkpoint_path(i_next)
+    def checkpoint(i_next):
         extra = dict(miner=miner.state_dict(), miner_optim=m_optim.state_dict()) if miner else {}
-        runtime.save_checkpoint(path, runtime.training_state(
+        return runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             sample_z=sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
             ada_p=ada_p, ada_signs=list(ada_signs), **extra,
-        ))
-        return path
+        )
 
     def write_samples(i):
         with torch.no_grad():
@@ -653,113 +651,103 @@ def main(argv=None):
     def mine(zs):
         return miner(zs) if miner else zs  # MineGAN: G(M(z)); the others: G(z)
 
-    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
-    pbar = runtime.progress_bar(start, args.iter)
-    with runtime.StopOnInterrupt() as interrupt:
-        for i in pbar:
-            # METHOD: MineGAN trains the miner alone for the first miner_iters iterations
-            train_g = not miner or i >= args.miner_iters
+    for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
+        # METHOD: MineGAN trains the miner alone for the first miner_iters iterations
+        train_g = not miner or i >= args.miner_iters
 
-            def sample_latents(batch):
-                return mine(common.mixing_noise(batch, latent_dim, args.mixing, device))
+        def sample_latents(batch):
+            return mine(common.mixing_noise(batch, latent_dim, args.mixing, device))
 
-            def d_logits(images):
-                if args.baseline == "ada":
-                    # every image D sees goes through A_p, drawn for the global batch (gathered under torchrun, then this
-                    # process's rows), so its random stream is the single-process run's
-                    images = ada_augment(runtime.gather(images, args.batch), ada_p, ada_set)[runtime.rows(args.batch)]
-                return discriminator(images)  # [B, 1]
+        def d_logits(images):
+            if args.baseline == "ada":
+                # every image D sees goes through A_p, drawn for the global batch (gathered under torchrun, then this
+                # process's rows), so its random stream is the single-process run's
+                images = ada_augment(runtime.gather(images, args.batch), ada_p, ada_set)[runtime.rows(args.batch)]
+            return discriminator(images)  # [B, 1]
 
-            # SHARED: D step
-            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
-            common.requires_grad(generator, False)
-            if miner:
-                common.requires_grad(miner, False)
-            set_d_trainable(discriminator, True, frozen)  # FreezeD: the frozen blocks never get gradients
-            with torch.no_grad():
-                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
-            real_pred = d_logits(real_img)
-            d_loss = common.d_logistic_loss(real_pred, d_logits(fake_img))
+        # SHARED: D step
+        real_img = next(sampler)  # [B, 3, H, W] (torchrun: this process's B/N rows)
+        common.requires_grad(generator, False)
+        if miner:
+            common.requires_grad(miner, False)
+        set_d_trainable(discriminator, True, frozen)  # FreezeD: the frozen blocks never get gradients
+        with torch.no_grad():
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        real_pred = d_logits(real_img)
+        d_loss = common.d_logistic_loss(real_pred, d_logits(fake_img))
+        discriminator.zero_grad()
+        d_loss.backward()
+        d_optim.step()
+
+        # METHOD: ADA's p update from the sign of D on the reals, every ada_interval D steps
+        if args.baseline == "ada" and not args.ada_fixed:
+            signs = runtime.gather(real_pred.detach(), args.batch).sign()  # [B, 1], the global batch's
+            ada_signs = [ada_signs[0] + float(signs.sum()), ada_signs[1] + signs.numel()]
+            if (i + 1) % args.ada_interval == 0:
+                ada_p = ada_update_p(ada_p, ada_signs[0] / ada_signs[1], args.ada_target, args.batch, args.ada_interval, args.ada_kimg)
+                ada_signs = [0.0, 0]
+
+        # SHARED: lazy R1 on the reals as seen by this iteration's D
+        r1_loss = torch.zeros((), device=device)
+        if i % args.d_reg_every == 0:
+            real_img.requires_grad_(True)
+            real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
+            r1_loss = common.d_r1_loss(real_pred, real_img)
             discriminator.zero_grad()
-            d_loss.backward()
-            runtime.step(d_optim)
+            # gamma / 2 * R1 * k (lazy regularisation)
+            (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
+            d_optim.step()
 
-            # METHOD: ADA's p update from the sign of D on the reals, every ada_interval D steps
-            if args.baseline == "ada" and not args.ada_fixed:
-                signs = runtime.gather(real_pred.detach(), args.batch).sign()  # [B, 1], the global batch's
-                ada_signs = [ada_signs[0] + float(signs.sum()), ada_signs[1] + signs.numel()]
-                if (i + 1) % args.ada_interval == 0:
-                    ada_p = ada_update_p(ada_p, ada_signs[0] / ada_signs[1], args.ada_target, args.batch, args.ada_interval, args.ada_kimg)
-                    ada_signs = [0.0, 0]
+        # SHARED: G step
+        common.requires_grad(generator, train_g)
+        if miner:
+            common.requires_grad(miner, True)
+        common.requires_grad(discriminator, False)
+        generator.zero_grad()
+        if miner:
+            miner.zero_grad()
+        g_terms = common.BackwardEachTerm()  # each term's backward runs as soon as it is formed (less memory)
+        fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+        g_terms.backward(g_loss)
 
-            # SHARED: lazy R1 on the reals as seen by this iteration's D
-            r1_loss = torch.zeros((), device=device)
-            if i % args.d_reg_every == 0:
-                real_img.requires_grad_(True)
-                real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
-                r1_loss = common.d_r1_loss(real_pred, real_img)
-                discriminator.zero_grad()
-                # gamma / 2 * R1 * k (lazy regularisation)
-                (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                runtime.step(d_optim)
+        # METHOD: EWC's penalty lambda sum_i F_i (theta_i - theta_s,i)^2
+        ewc_loss = torch.zeros((), device=device)
+        if fisher is not None:
+            ewc_loss = ewc_penalty(list(generator.parameters()), source_params, fisher)
+            # L_G + lambda L_ewc
+            g_terms.backward(args.ewc_weight * ewc_loss)
+        g_terms.finish()
+        if train_g:
+            g_optim.step()
+        if miner:
+            m_optim.step()
 
-            # SHARED: G step
-            common.requires_grad(generator, train_g)
-            if miner:
-                common.requires_grad(miner, True)
-            common.requires_grad(discriminator, False)
+        # SHARED: lazy path-length regularisation (z ~ p_z with mixing; MineGAN: through the miner, as its code)
+        path_loss = torch.zeros((), device=device)
+        if i % args.g_reg_every == 0:
+            path_batch = max(1, args.batch // args.path_batch_shrink)
+            fake_img, latents = runtime.generate_rows(generator, sample_latents(path_batch), return_latents=True)
+            path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
             generator.zero_grad()
             if miner:
                 miner.zero_grad()
-            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
-            g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
-            terms.add(g_loss)
+            (args.path_regularize * args.g_reg_every * path_loss).backward()
+            if train_g:
+                g_optim.step()
+            if miner:
+                m_optim.step()
 
-            # METHOD: EWC's penalty lambda sum_i F_i (theta_i - theta_s,i)^2
-            ewc_loss = torch.zeros((), device=device)
-            if fisher is not None:
-                ewc_loss = ewc_penalty(list(generator.parameters()), source_params, fisher)
-                # L_G + lambda L_ewc
-                terms.add(args.ewc_weight * ewc_loss)
-            terms.backward()
-            runtime.step(g_optim if train_g else None, m_optim)
-
-            # SHARED: lazy path-length regularisation (z ~ p_z with mixing; MineGAN: through the miner, as its code)
-            path_loss = torch.zeros((), device=device)
-            if i % args.g_reg_every == 0:
-                path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = runtime.generate_rows(generator, sample_latents(path_batch), return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
-                generator.zero_grad()
-                if miner:
-                    miner.zero_grad()
-                (args.path_regularize * args.g_reg_every * path_loss).backward()
-                runtime.step(g_optim if train_g else None, m_optim)
-
-            # SHARED: EMA, logging, samples, checkpoints
-            common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = {"d": d_loss.item(), "g": g_loss.item(), "r1": r1_loss.item(), "path": path_loss.item(),
-                      "mean_path": mean_path_length.item()}
-            if args.baseline == "ada":
-                losses["ada_p"] = ada_p
-            if args.baseline == "ewc":
-                losses["ewc"] = ewc_loss.item()
-            losses = runtime.mean_over_processes(losses)
-            pbar.set_postfix_str(runtime.format_losses(losses))
-            log.write(i, losses)
-            if i % args.sample_every == 0:
-                write_samples(i)
-            if (i + 1) % args.save_every == 0:
-                save(i + 1)
-            if runtime.any_process(interrupt.requested):
-                path = save(i + 1)
-                pbar.close()
-                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
-                raise SystemExit(130)
-    pbar.close()
-    write_samples(args.iter)
-    path = save(args.iter)
+        # SHARED: EMA, the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
+        common.accumulate(g_ema, generator, common.EMA_DECAY)
+        losses = {"d": d_loss.item(), "g": g_loss.item(), "r1": r1_loss.item(), "path": path_loss.item(),
+                  "mean_path": mean_path_length.item()}
+        if args.baseline == "ada":
+            losses["ada_p"] = ada_p
+        if args.baseline == "ewc":
+            losses["ewc"] = ewc_loss.item()
+        run.end_iteration(i, losses)
+    path = run.finish()  # the last sample grids and checkpoint
     print(f"done: {path}")
     return path
 
@@ -776,7 +764,7 @@ def train_bsa(args):
     common.requires_grad(generator, False)
     common.requires_grad(discriminator, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = runtime.RunDir(args.out)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
     latent_dim = generator.style_dim
 
     # METHOD: scale / shift per StyledConv channel (hooks), one z per training image (our choice: z_n ~ N(0, I))
@@ -795,12 +783,12 @@ def train_bsa(args):
     sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
     sampler = IndexBatches(dataset, args.batch, device)
     targets = dataset.as_float().to(device)  # [N, 3, H, W]
-    start = 0
+    # SHARED: under torchrun the gradients averaged in the optimiser's step(); nothing in one process
+    runtime.distribute(None, [bsa_optim])
 
-    resume_path = runtime.resolve_resume(args.resume, run)
-    if resume_path:
-        state = runtime.load_training_checkpoint(resume_path)
-        start = int(state["iter"])
+    state = run.resume_state()
+    if state is not None:
+        run.start = int(state["iter"])
         scale_shift.load_state_dict(state["scale_shift"])
         with torch.no_grad():
             latents.copy_(state["bsa_latents"].to(device))
@@ -808,21 +796,18 @@ def train_bsa(args):
         sample_z = state["sample_z"].to(device)
         sampler.load_state_dict(state["sampler"])
         runtime.set_rng_state(state["rng"])
-        print(f"resuming {resume_path} at iteration {start}")
 
     # SHARED: the source half of the sample grids, one fixed noise for both halves
     fixed_noise = [getattr(g_source.noises, f"noise_{k}") for k in range(g_source.num_layers)]
     with torch.no_grad():
         source_samples = g_source([sample_z], noise=fixed_noise)[0].cpu()
 
-    def save(i_next):
-        path = run.checkpoint_path(i_next)
-        runtime.save_checkpoint(path, runtime.training_state(
+    def checkpoint(i_next):
+        return runtime.training_state(
             i_next, args, g_source, g_source, discriminator, g_optim, d_optim,
             scale_shift=scale_shift.state_dict(), bsa_latents=latents.detach().clone(), bsa_optim=bsa_optim.state_dict(),
             sample_z=sample_z, sampler=sampler.state_dict(),
-        ))
-        return path
+        )
 
     def write_samples(i):
         with torch.no_grad():
@@ -831,44 +816,28 @@ def train_bsa(args):
         runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
         runtime.save_comparison_grid(os.path.join(run.samples, f"recon_{i:06d}.png"), targets.cpu(), recon.cpu())
 
-    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
-    pbar = runtime.progress_bar(start, args.iter)
-    with runtime.StopOnInterrupt() as interrupt:
-        for i in pbar:
-            # METHOD: BSA's step schedule, lr x0.1 every 3000 iterations (official exponential_shift)
-            for group, base in zip(bsa_optim.param_groups, base_lrs):
-                group["lr"] = base * BSA_LR_DECAY ** ((i + 1) // BSA_LR_DECAY_EVERY)
-            index = next(sampler).to(device)  # [B] image indices
-            z = latents[index] + BSA_Z_EPS * torch.randn(len(index), latent_dim, device=device)  # z_n + eps
-            part = runtime.rows(args.batch)  # this process's rows (all of them in a single process)
-            fake = runtime.generate_rows(generator, [z], noise=fixed_noise)[0]  # [B/N, 3, H, W]
-            pixel_loss, perceptual_loss = bsa_reconstruction_loss(fake, targets[index[part]], lpips_fn, args.bsa_perceptual)
-            gaussian = torch.randn(BSA_EMD_SAMPLES * len(index), latent_dim, device=device)  # [M, D] ~ N(0, I)
-            emd_loss = latent_emd(latents[index], gaussian)
-            reg_loss = scale_shift.regulariser()
-            # L1 + lambda_per LPIPS + lambda_emd EMD + lambda_re sum_l |gamma_l - 1|^2 + |beta_l|^2
-            loss = pixel_loss + args.bsa_perceptual * perceptual_loss + args.bsa_emd * emd_loss + args.bsa_reg * reg_loss
-            bsa_optim.zero_grad()
-            loss.backward()
-            runtime.step(bsa_optim)
+    for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
+        # METHOD: BSA's step schedule, lr x0.1 every 3000 iterations (official exponential_shift)
+        for group, base in zip(bsa_optim.param_groups, base_lrs):
+            group["lr"] = base * BSA_LR_DECAY ** ((i + 1) // BSA_LR_DECAY_EVERY)
+        index = next(sampler).to(device)  # [B] image indices
+        z = latents[index] + BSA_Z_EPS * torch.randn(len(index), latent_dim, device=device)  # z_n + eps
+        part = runtime.rows(args.batch)  # this process's rows (all of them in a single process)
+        fake = runtime.generate_rows(generator, [z], noise=fixed_noise)[0]  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        pixel_loss, perceptual_loss = bsa_reconstruction_loss(fake, targets[index[part]], lpips_fn, args.bsa_perceptual)
+        gaussian = torch.randn(BSA_EMD_SAMPLES * len(index), latent_dim, device=device)  # [M, D] ~ N(0, I)
+        emd_loss = latent_emd(latents[index], gaussian)
+        reg_loss = scale_shift.regulariser()
+        # L1 + lambda_per LPIPS + lambda_emd EMD + lambda_re sum_l |gamma_l - 1|^2 + |beta_l|^2
+        loss = pixel_loss + args.bsa_perceptual * perceptual_loss + args.bsa_emd * emd_loss + args.bsa_reg * reg_loss
+        bsa_optim.zero_grad()
+        loss.backward()
+        bsa_optim.step()
 
-            # SHARED: logging, samples, checkpoints
-            losses = runtime.mean_over_processes({"loss": loss.item(), "pixel": pixel_loss.item(), "perceptual": perceptual_loss.item(),
-                                                 "emd": emd_loss.item(), "reg": reg_loss.item()})
-            pbar.set_postfix_str(runtime.format_losses(losses))
-            log.write(i, losses)
-            if i % args.sample_every == 0:
-                write_samples(i)
-            if (i + 1) % args.save_every == 0:
-                save(i + 1)
-            if runtime.any_process(interrupt.requested):
-                path = save(i + 1)
-                pbar.close()
-                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
-                raise SystemExit(130)
-    pbar.close()
-    write_samples(args.iter)
-    path = save(args.iter)
+        # SHARED: the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
+        run.end_iteration(i, {"loss": loss, "pixel": pixel_loss, "perceptual": perceptual_loss, "emd": emd_loss,
+                              "reg": reg_loss})
+    path = run.finish()  # the last sample grids and checkpoint
     print(f"done: {path}")
     return path
 

@@ -189,7 +189,7 @@ def benchmark_method(args, device):
             return time.perf_counter() - start
 
         if args.summed_backward:
-            common.LossTerms.summed = True
+            common.BackwardEachTerm.summed = True
         if args.memory:
             # iterations 0 and 1: every lazy regulariser runs at iteration 0, and CDC-style anchor / patch iterations alternate
             if device.type == "cuda":
@@ -284,7 +284,7 @@ def main():
     parser.add_argument("--memory", action="store_true",
                         help="with --method: peak memory of the method's first two iterations and the loop line where it is reached, instead of time")
     parser.add_argument("--summed-backward", action="store_true",
-                        help="with --method: one backward over the sum of the G step's loss terms (the form before common.LossTerms)")
+                        help="with --method: one backward over the sum of the G step's loss terms (the form before common.BackwardEachTerm)")
     parser.add_argument("--asc-parts", action="store_true", help="time the parts of progressive_asc.py's L_asc instead")
     parser.add_argument("--precision", choices=runtime.PRECISIONS, default="default",
                         help="as the method files' --precision (default: PyTorch's settings); also for the model timings")

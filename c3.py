@@ -125,7 +125,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = runtime.RunDir(args.out)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
     latent_dim = generator.style_dim
 
     # METHOD: CDC's patch head and which D map each patch level reads
@@ -134,8 +134,7 @@ def main(argv=None):
     if args.highp > len(patch_maps):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
 
-    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    runtime.distribute_discriminator(discriminator)
+    # SHARED: --precision bf16 autocasts G and D
     runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
@@ -148,18 +147,18 @@ def main(argv=None):
     sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
-    start = 0
+    # SHARED: under torchrun D's minibatch stddev over the global batch, gradients averaged in each optimiser's step(),
+    # the sampler's batches cut to this process's rows; nothing in one process
+    runtime.distribute(discriminator, [g_optim, d_optim, e_optim], sampler)
 
-    resume_path = runtime.resolve_resume(args.resume, run)
-    if resume_path:
-        state = runtime.load_training_checkpoint(resume_path)
-        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+    state = run.resume_state()
+    if state is not None:
+        run.start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         sample_z = state["sample_z"].to(device)
         mean_path_length = state["mean_path_length"].to(device)
         sampler.load_state_dict(state["sampler"])
-        print(f"resuming {resume_path} at iteration {start}")
 
     # SHARED: the source half of the sample grids (the source's g_ema), one fixed noise for both halves
     fixed_noise = [getattr(g_source_ema.noises, f"noise_{k}") for k in range(g_source_ema.num_layers)]
@@ -167,14 +166,12 @@ def main(argv=None):
         source_samples = g_source_ema([sample_z], noise=fixed_noise)[0].cpu()
     del g_source_ema
 
-    def save(i_next):
-        path = run.checkpoint_path(i_next)
-        runtime.save_checkpoint(path, runtime.training_state(
+    def checkpoint(i_next):
+        return runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), sample_z=sample_z,
             mean_path_length=mean_path_length, sampler=sampler.state_dict(),
-        ))
-        return path
+        )
 
     def write_samples(i):
         with torch.no_grad():
@@ -196,96 +193,82 @@ def main(argv=None):
         feature = discriminator.feature_maps(image, stop_after=patch_maps[index])[-1]  # [M, C, h, w]
         return feature.mean((2, 3)) if args.d_pool == "mean" else feature.flatten(1)  # [M, C] or [M, C*h*w]
 
-    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
-    pbar = runtime.progress_bar(start, args.iter)
-    with runtime.StopOnInterrupt() as interrupt:
-        for i in pbar:
-            # SHARED: D step
-            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
-            common.requires_grad(generator, False)
-            common.requires_grad(discriminator, True)
-            common.requires_grad(head, True)
-            with torch.no_grad():
-                fake_img, _ = runtime.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
-            d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
+    for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
+        # SHARED: D step
+        real_img = next(sampler)  # [B, 3, H, W] (torchrun: this process's B/N rows)
+        common.requires_grad(generator, False)
+        common.requires_grad(discriminator, True)
+        common.requires_grad(head, True)
+        with torch.no_grad():
+            fake_img, _ = runtime.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
+        discriminator.zero_grad()
+        head.zero_grad()
+        d_loss.backward()
+        d_optim.step()
+        e_optim.step()
+
+        # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
+        r1_loss = torch.zeros((), device=device)
+        if i % args.d_reg_every == 0:
+            real_img.requires_grad_(True)
+            real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
+            r1_loss = common.d_r1_loss(real_pred, real_img)
             discriminator.zero_grad()
             head.zero_grad()
-            d_loss.backward()
-            runtime.step(d_optim, e_optim)
+            # gamma / 2 * R1 * k (lazy regularisation)
+            (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
+            d_optim.step()
+            e_optim.step()
 
-            # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
-            r1_loss = torch.zeros((), device=device)
-            if i % args.d_reg_every == 0:
-                real_img.requires_grad_(True)
-                real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
-                r1_loss = common.d_r1_loss(real_pred, real_img)
-                discriminator.zero_grad()
-                head.zero_grad()
-                # gamma / 2 * R1 * k (lazy regularisation)
-                (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                runtime.step(d_optim, e_optim)
+        # SHARED: G step
+        common.requires_grad(generator, True)
+        common.requires_grad(discriminator, False)
+        common.requires_grad(head, False)
+        generator.zero_grad()
+        g_terms = common.BackwardEachTerm()  # each term's backward runs as soon as it is formed (less memory)
+        fake_img, _ = runtime.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+        g_terms.backward(g_loss)
 
-            # SHARED: G step
-            common.requires_grad(generator, True)
-            common.requires_grad(discriminator, False)
-            common.requires_grad(head, False)
+        # METHOD: contrastive cross-domain correspondence on a fresh batch z ~ N(0, I)
+        con_loss = torch.zeros((), device=device)
+        if not args.no_con:
+            z = torch.randn(args.con_batch, latent_dim, device=device)  # [M, D]
+            noise_src = noise_tgt = None
+            if args.same_noise:
+                noise_src = noise_tgt = common.per_sample_noise(generator, args.con_batch, device)
+            # f's layer, one per iteration: a G layer uniform in {1, ..., n_latent - 2}, or one of the first highp patch maps
+            low, high = (1, n_latent - 1) if args.encoder == "generator" else (0, args.highp)
+            index = int(torch.randint(low, high, ()))  # on the CPU: no device sync
+            with torch.no_grad():
+                feat_src = encode(g_source, z, noise_src, index)  # [M, D']
+            feat_tgt = encode(generator, z, noise_tgt, index)  # [M, D']
+            # InfoNCE couples the M latents: every process's rows gathered (autograd flows back to each), so every
+            # process computes the single-process loss of all M (runtime.py, 'Several processes'; in one process gather returns its input)
+            feat_src, feat_tgt = runtime.gather(feat_src, args.con_batch), runtime.gather(feat_tgt, args.con_batch)
+            con_loss = contrastive_correspondence_loss(feat_src, feat_tgt, args.tau)
+            # L_G + lambda_con L_con
+            g_terms.backward(args.con_wt * con_loss)
+        g_terms.finish()
+        g_optim.step()
+
+        # SHARED: lazy path-length regularisation (z ~ p_z with mixing)
+        path_loss = torch.zeros((), device=device)
+        if i % args.g_reg_every == 0:
+            path_batch = max(1, args.batch // args.path_batch_shrink)
+            fake_img, latents = runtime.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+            path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
             generator.zero_grad()
-            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = runtime.generate_rows(generator, common.mixing_noise(args.batch, latent_dim, args.mixing, device))  # [B/N, 3, H, W]
-            g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
-            terms.add(g_loss)
+            (args.path_regularize * args.g_reg_every * path_loss).backward()
+            g_optim.step()
 
-            # METHOD: contrastive cross-domain correspondence on a fresh batch z ~ N(0, I)
-            con_loss = torch.zeros((), device=device)
-            if not args.no_con:
-                z = torch.randn(args.con_batch, latent_dim, device=device)  # [M, D]
-                noise_src = noise_tgt = None
-                if args.same_noise:
-                    noise_src = noise_tgt = common.per_sample_noise(generator, args.con_batch, device)
-                # f's layer, one per iteration: a G layer uniform in {1, ..., n_latent - 2}, or one of the first highp patch maps
-                low, high = (1, n_latent - 1) if args.encoder == "generator" else (0, args.highp)
-                index = int(torch.randint(low, high, ()))  # on the CPU: no device sync
-                with torch.no_grad():
-                    feat_src = encode(g_source, z, noise_src, index)  # [M, D']
-                feat_tgt = encode(generator, z, noise_tgt, index)  # [M, D']
-                # InfoNCE couples the M latents: every process's rows gathered (autograd flows back to each), so every
-                # process computes the single-process loss of all M (common.py, 'Several processes')
-                feat_src, feat_tgt = runtime.gather(feat_src, args.con_batch), runtime.gather(feat_tgt, args.con_batch)
-                con_loss = contrastive_correspondence_loss(feat_src, feat_tgt, args.tau)
-                # L_G + lambda_con L_con
-                terms.add(args.con_wt * con_loss)
-            terms.backward()
-            runtime.step(g_optim)
-
-            # SHARED: lazy path-length regularisation (z ~ p_z with mixing)
-            path_loss = torch.zeros((), device=device)
-            if i % args.g_reg_every == 0:
-                path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = runtime.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
-                generator.zero_grad()
-                (args.path_regularize * args.g_reg_every * path_loss).backward()
-                runtime.step(g_optim)
-
-            # SHARED: EMA, logging, samples, checkpoints
-            common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "con": con_loss.item(), "r1": r1_loss.item(),
-                                                 "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(runtime.format_losses(losses))
-            log.write(i, losses)
-            if i % args.sample_every == 0:
-                write_samples(i)
-            if (i + 1) % args.save_every == 0:
-                save(i + 1)
-            if runtime.any_process(interrupt.requested):
-                path = save(i + 1)
-                pbar.close()
-                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
-                raise SystemExit(130)
-    pbar.close()
-    write_samples(args.iter)
-    path = save(args.iter)
+        # SHARED: EMA, the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
+        common.accumulate(g_ema, generator, common.EMA_DECAY)
+        run.end_iteration(i, {"d": d_loss, "g": g_loss, "con": con_loss, "r1": r1_loss, "path": path_loss,
+                              "mean_path": mean_path_length})
+    path = run.finish()  # the last sample grids and checkpoint
     if args.cdc_export:
         runtime.save_checkpoint(os.path.join(run.root, "g_ema_cdc_generate.pt"),
                                {"g_ema": {"module." + k: v for k, v in g_ema.state_dict().items()}})

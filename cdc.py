@@ -160,7 +160,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = runtime.RunDir(args.out)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
     latent_dim = generator.style_dim
 
     # METHOD: CDC's patch head, anchors and which D map each patch level reads
@@ -169,8 +169,7 @@ def main(argv=None):
     if args.highp > len(patch_maps):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
 
-    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    runtime.distribute_discriminator(discriminator)
+    # SHARED: --precision bf16 autocasts G and D
     runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
@@ -186,18 +185,18 @@ def main(argv=None):
     anchor_sample_z = common.sample_anchor_z(anchors, args.n_sample, args.subspace_std)  # [S, D]
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
-    start = 0
+    # SHARED: under torchrun D's minibatch stddev over the global batch, gradients averaged in each optimiser's step(),
+    # the sampler's batches cut to this process's rows; nothing in one process
+    runtime.distribute(discriminator, [g_optim, d_optim, e_optim], sampler)
 
-    resume_path = runtime.resolve_resume(args.resume, run)
-    if resume_path:
-        state = runtime.load_training_checkpoint(resume_path)
-        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+    state = run.resume_state()
+    if state is not None:
+        run.start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         anchors, sample_z, anchor_sample_z = state["anchors"].to(device), state["sample_z"].to(device), state["anchor_sample_z"].to(device)
         mean_path_length = state["mean_path_length"].to(device)
         sampler.load_state_dict(state["sampler"])
-        print(f"resuming {resume_path} at iteration {start}")
 
     # SHARED: the source half of the sample grids (the source's g_ema), one fixed noise for both halves
     fixed_noise = [getattr(g_source_ema.noises, f"noise_{k}") for k in range(g_source_ema.num_layers)]
@@ -206,14 +205,12 @@ def main(argv=None):
         source_anchor_samples = g_source_ema([anchor_sample_z], noise=fixed_noise)[0].cpu()
     del g_source_ema
 
-    def save(i_next):
-        path = run.checkpoint_path(i_next)
-        runtime.save_checkpoint(path, runtime.training_state(
+    def checkpoint(i_next):
+        return runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), anchors=anchors, sample_z=sample_z,
             anchor_sample_z=anchor_sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
-        ))
-        return path
+        )
 
     def write_samples(i):
         with torch.no_grad():
@@ -222,120 +219,106 @@ def main(argv=None):
         runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
         runtime.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
-    pbar = runtime.progress_bar(start, args.iter)
-    with runtime.StopOnInterrupt() as interrupt:
-        for i in pbar:
-            # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
-            anchor_iter = args.adv == "both" and common.is_anchor_iteration(i, args.subspace_freq)
-            patch_level = args.adv == "patch" or (args.adv == "both" and not anchor_iter)
+    for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
+        # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
+        anchor_iter = args.adv == "both" and common.is_anchor_iteration(i, args.subspace_freq)
+        patch_level = args.adv == "patch" or (args.adv == "both" and not anchor_iter)
 
-            def sample_latents(batch):
-                if anchor_iter:
-                    return [common.sample_anchor_z(anchors, batch, args.subspace_std)]
-                return common.mixing_noise(batch, latent_dim, args.mixing, device)
+        def sample_latents(batch):
+            if anchor_iter:
+                return [common.sample_anchor_z(anchors, batch, args.subspace_std)]
+            return common.mixing_noise(batch, latent_dim, args.mixing, device)
 
-            def d_logits(images):
-                if not patch_level:
-                    return discriminator(images)  # [B, 1]
-                level = int(torch.randint(0, args.highp, ()))  # a fresh patch map per D call (official)
-                return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
+        def d_logits(images):
+            if not patch_level:
+                return discriminator(images)  # [B, 1]
+            level = int(torch.randint(0, args.highp, ()))  # a fresh patch map per D call (official)
+            return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
-            # SHARED: D step
-            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
-            common.requires_grad(generator, False)
-            common.requires_grad(discriminator, True)
-            common.requires_grad(head, True)
-            with torch.no_grad():
-                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
-            d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
+        # SHARED: D step
+        real_img = next(sampler)  # [B, 3, H, W] (torchrun: this process's B/N rows)
+        common.requires_grad(generator, False)
+        common.requires_grad(discriminator, True)
+        common.requires_grad(head, True)
+        with torch.no_grad():
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
+        discriminator.zero_grad()
+        head.zero_grad()
+        d_loss.backward()
+        d_optim.step()
+        e_optim.step()
+
+        # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
+        r1_loss = torch.zeros((), device=device)
+        if i % args.d_reg_every == 0:
+            real_img.requires_grad_(True)
+            real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
+            r1_loss = common.d_r1_loss(real_pred, real_img)
             discriminator.zero_grad()
             head.zero_grad()
-            d_loss.backward()
-            runtime.step(d_optim, e_optim)
+            # gamma / 2 * R1 * k (lazy regularisation)
+            (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
+            d_optim.step()
+            e_optim.step()
 
-            # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
-            r1_loss = torch.zeros((), device=device)
-            if i % args.d_reg_every == 0:
-                real_img.requires_grad_(True)
-                real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
-                r1_loss = common.d_r1_loss(real_pred, real_img)
-                discriminator.zero_grad()
-                head.zero_grad()
-                # gamma / 2 * R1 * k (lazy regularisation)
-                (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                runtime.step(d_optim, e_optim)
+        # SHARED: G step
+        common.requires_grad(generator, True)
+        common.requires_grad(discriminator, False)
+        common.requires_grad(head, False)
+        generator.zero_grad()
+        g_terms = common.BackwardEachTerm()  # each term's backward runs as soon as it is formed (less memory)
+        fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+        g_terms.backward(g_loss)
 
-            # SHARED: G step
-            common.requires_grad(generator, True)
-            common.requires_grad(discriminator, False)
-            common.requires_grad(head, False)
+        # METHOD: cross-domain distance consistency on a fresh batch z ~ N(0, I)
+        dist_loss = torch.zeros((), device=device)
+        if not args.no_dist:
+            z = torch.randn(args.feat_const_batch, latent_dim, device=device)  # [N, D]
+            noise_src = noise_tgt = None
+            if args.same_noise:
+                noise_src = noise_tgt = common.per_sample_noise(generator, args.feat_const_batch, device)
+            # one layer per anchor row, uniform in {1, ..., n_latent - 2}
+            layer_idx = torch.randint(1, n_latent - 1, (args.feat_const_batch,))  # [N], on the CPU: no device sync
+            # both generators stop at the deepest layer used (the official code also renders the image)
+            deepest = int(layer_idx.max()) if args.kl_layers == "random" else n_latent - 2
+            with torch.no_grad():
+                _, feats_src = runtime.generate_rows(g_source, [z], noise=noise_src, return_feats=True, feats_upto=deepest)
+            _, feats_tgt = runtime.generate_rows(generator, [z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
+            # L_dist couples the N latents: every process's rows gathered (autograd flows back to each), so every
+            # process computes the single-process loss of all N (runtime.py, 'Several processes'; in one process gather returns its input)
+            feats_src, feats_tgt = runtime.gather(feats_src, args.feat_const_batch), runtime.gather(feats_tgt, args.feat_const_batch)
+            if args.kl_layers == "random":
+                dist_loss = distance_consistency_loss(feats_src, feats_tgt, layer_idx, args.kl_direction, args.kl_reduction)
+            else:
+                # sum over the layers l = 1 .. n_latent - 2
+                dist_loss = sum(
+                    distance_consistency_loss(feats_src, feats_tgt, torch.full((args.feat_const_batch,), layer),
+                                              args.kl_direction, args.kl_reduction)
+                    for layer in range(1, n_latent - 1)
+                )
+            # L_G + lambda L_dist
+            g_terms.backward(args.kl_wt * dist_loss)
+        g_terms.finish()
+        g_optim.step()
+
+        # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)
+        path_loss = torch.zeros((), device=device)
+        if i % args.g_reg_every == 0:
+            path_batch = max(1, args.batch // args.path_batch_shrink)
+            fake_img, latents = runtime.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
+            path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
             generator.zero_grad()
-            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
-            g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
-            terms.add(g_loss)
+            (args.path_regularize * args.g_reg_every * path_loss).backward()
+            g_optim.step()
 
-            # METHOD: cross-domain distance consistency on a fresh batch z ~ N(0, I)
-            dist_loss = torch.zeros((), device=device)
-            if not args.no_dist:
-                z = torch.randn(args.feat_const_batch, latent_dim, device=device)  # [N, D]
-                noise_src = noise_tgt = None
-                if args.same_noise:
-                    noise_src = noise_tgt = common.per_sample_noise(generator, args.feat_const_batch, device)
-                # one layer per anchor row, uniform in {1, ..., n_latent - 2}
-                layer_idx = torch.randint(1, n_latent - 1, (args.feat_const_batch,))  # [N], on the CPU: no device sync
-                # both generators stop at the deepest layer used (the official code also renders the image)
-                deepest = int(layer_idx.max()) if args.kl_layers == "random" else n_latent - 2
-                with torch.no_grad():
-                    _, feats_src = runtime.generate_rows(g_source, [z], noise=noise_src, return_feats=True, feats_upto=deepest)
-                _, feats_tgt = runtime.generate_rows(generator, [z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
-                # L_dist couples the N latents: every process's rows gathered (autograd flows back to each), so every
-                # process computes the single-process loss of all N (common.py, 'Several processes')
-                feats_src, feats_tgt = runtime.gather(feats_src, args.feat_const_batch), runtime.gather(feats_tgt, args.feat_const_batch)
-                if args.kl_layers == "random":
-                    dist_loss = distance_consistency_loss(feats_src, feats_tgt, layer_idx, args.kl_direction, args.kl_reduction)
-                else:
-                    # sum over the layers l = 1 .. n_latent - 2
-                    dist_loss = sum(
-                        distance_consistency_loss(feats_src, feats_tgt, torch.full((args.feat_const_batch,), layer),
-                                                  args.kl_direction, args.kl_reduction)
-                        for layer in range(1, n_latent - 1)
-                    )
-                # L_G + lambda L_dist
-                terms.add(args.kl_wt * dist_loss)
-            terms.backward()
-            runtime.step(g_optim)
-
-            # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)
-            path_loss = torch.zeros((), device=device)
-            if i % args.g_reg_every == 0:
-                path_batch = max(1, args.batch // args.path_batch_shrink)
-                fake_img, latents = runtime.generate_rows(generator, common.mixing_noise(path_batch, latent_dim, args.mixing, device), return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
-                generator.zero_grad()
-                (args.path_regularize * args.g_reg_every * path_loss).backward()
-                runtime.step(g_optim)
-
-            # SHARED: EMA, logging, samples, checkpoints
-            common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "dist": dist_loss.item(), "r1": r1_loss.item(),
-                                                 "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(runtime.format_losses(losses))
-            log.write(i, losses)
-            if i % args.sample_every == 0:
-                write_samples(i)
-            if (i + 1) % args.save_every == 0:
-                save(i + 1)
-            if runtime.any_process(interrupt.requested):
-                path = save(i + 1)
-                pbar.close()
-                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
-                raise SystemExit(130)
-    pbar.close()
-    write_samples(args.iter)
-    path = save(args.iter)
+        # SHARED: EMA; the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
+        common.accumulate(g_ema, generator, common.EMA_DECAY)
+        run.end_iteration(i, {"d": d_loss, "g": g_loss, "dist": dist_loss, "r1": r1_loss, "path": path_loss,
+                              "mean_path": mean_path_length})
+    path = run.finish()  # the last sample grids and checkpoint
     if args.cdc_export:
         runtime.save_checkpoint(os.path.join(run.root, "g_ema_cdc_generate.pt"),
                                {"g_ema": {"module." + k: v for k, v in g_ema.state_dict().items()}})

@@ -118,6 +118,7 @@ class BatchSampler:
         self.dataset = dataset
         self.batch = batch
         self.device = device
+        self.rows = slice(None)  # every row of a batch (under torchrun, this process's rows: runtime.distribute)
         self.chunks = []  # the current epoch's batches of indices
         self.position = 0
 
@@ -142,7 +143,7 @@ class BatchSampler:
         images = self.dataset.as_float(index)  # [B, 3, H, W]
         flip = torch.rand(len(index)) < 0.5  # [B]
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
-        return images.to(self.device)
+        return images[self.rows].to(self.device)
 
     def state_dict(self):
         return {"chunks": [c.clone() for c in self.chunks], "position": self.position}
@@ -279,19 +280,20 @@ def g_path_regularize(fake_img, latents, mean_path_length, decay=0.01, noise=Non
     return path_penalty, path_mean.detach(), path_lengths
 
 
-class LossTerms:
-    """The generator step's loss terms, each back-propagated as soon as it is formed: its graph is freed before
-    the next term's forward builds another, and the gradients add up in .grad. One backward over the sum would
-    keep every term's graph alive at once; the gradients are the same up to float summation order (a test checks
-    1e-6 relative). Terms that share a graph must be added as one term. summed=True (tests, bench.py
-    --summed-backward) restores that single backward over the sum, to compare the two."""
+class BackwardEachTerm:
+    """The generator step's backward, one loss term at a time: `.backward(term)` runs term.backward() at once, so
+    its graph is freed before the next term's forward builds another, and the gradients add up in .grad (a term that
+    is off, a tensor without grad, is skipped). The same gradients as one backward over the sum of the terms, up to
+    float summation order (a test checks 1e-6 relative), which would keep every term's graph alive at once. Terms that
+    share a graph must be given as one term. summed=True (tests, bench.py --summed-backward) switches to that single
+    backward over the sum, run by `.finish()`; in the default form `.finish()` has nothing left to do."""
 
     summed = False
 
     def __init__(self):
         self.total = None
 
-    def add(self, loss):
+    def backward(self, loss):
         if not loss.requires_grad:  # a term that is off (a zero tensor)
             return
         if self.summed:
@@ -299,8 +301,7 @@ class LossTerms:
         else:
             loss.backward()
 
-    def backward(self):
-        """The single backward of the summed form; nothing left to do in the default form."""
+    def finish(self):
         if self.total is not None:
             self.total.backward()
             self.total = None

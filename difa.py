@@ -473,7 +473,7 @@ def main(argv=None):
     if select and k_layers > n_latent:
         raise UserError(f"--auto-layer-k {k_layers} exceeds the generator's {n_latent} W+ layers")
     references = None if text else common.list_images(args.target)
-    run = runtime.RunDir(args.out)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
 
     # METHOD: CLIP towers; the reference embeddings and tokens, or the text prompts' embeddings
     antialias = not args.no_antialias
@@ -528,13 +528,13 @@ def main(argv=None):
     sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
     with torch.no_grad():
         mean_latent = g_source.mean_latent(MEAN_LATENT_SAMPLES)  # [1, D], shared by both grid halves
-    start = 0
-    resume_path = runtime.resolve_resume(args.resume, run)
-    state = None
-    if resume_path:
-        state = runtime.load_training_checkpoint(resume_path)
+    # SHARED: under torchrun the gradients averaged in the optimiser's step(); nothing in one process
+    runtime.distribute(None, [g_optim])
+
+    state = run.resume_state()
+    if state is not None:
         if "queues" not in state or "g_optim" not in state:
-            raise UserError(f"{resume_path} was not written by difa.py (no SCC queues); cannot resume from it")
+            raise UserError(f"{run.resume_path} was not written by difa.py (no SCC queues); cannot resume from it")
         try:
             generator.load_state_dict(state["g"])
             g_optim.load_state_dict(state["g_optim"])
@@ -573,28 +573,25 @@ def main(argv=None):
         directions = [reference_direction(e, m) for e, m in zip(ref_emb, mus)]  # d_m, each [D]
     if state is not None:
         runtime.set_rng_state(state["rng"])
-        start = int(state["iter"])
-        print(f"resuming {resume_path} at iteration {start}")
+        run.start = int(state["iter"])
 
     # SHARED: the source half of the sample grids, one fixed noise for both halves
     fixed_noise = [getattr(g_source.noises, f"noise_{k}") for k in range(g_source.num_layers)]
     with torch.no_grad():
         source_samples = g_source([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0].cpu()
 
-    def save(i_next):
-        path = run.checkpoint_path(i_next)
+    def checkpoint(i_next):
         extra = {key: source_ckpt[key] for key in ("d", "extra_config") if key in source_ckpt}
         if encoder is not None and args.e4e_bn == "train":
             extra["e4e_buffers"] = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k or "num_batches" in k}
         if mus is not None:
             extra["clip_source_mean"] = [m.cpu() for m in mus]
-        runtime.save_checkpoint(path, {
+        return {
             "g": generator.state_dict(), "g_ema": generator.state_dict(), **extra,  # no EMA: g_ema is G_B, as the release
             "g_optim": g_optim.state_dict(), "args": runtime.args_to_dict(args), "run_args": args.run_args, "iter": i_next,
             "rng": runtime.get_rng_state(),
             "queues": queues.state_dict(), "sample_z": sample_z, "mean_latent": mean_latent,
-        })
-        return path
+        }
 
     def write_samples(i):
         with torch.no_grad():  # no losses, no queue pushes
@@ -615,80 +612,64 @@ def main(argv=None):
         return sum(c * clip_similarity_loss(F.normalize(t(clip_input(x, t.resolution, antialias))[0], dim=-1), target)
                    for t, c, target in zip(towers, args.clip_model_weights, select_targets))
 
-    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
-    pbar = runtime.progress_bar(start, args.iter)
-    with runtime.StopOnInterrupt() as interrupt:
-        for i in pbar:
-            # METHOD: one w per sample, the same w for both generators, independent noise
-            z = torch.randn(args.batch, latent_dim, device=device)  # drawn before NADA's selection codes, as its train.py
-            losses = {}
-            if select:
-                # METHOD: NADA's layer selection on fresh codes w+_0 [B_sel, L, D], then only those layers train
-                with torch.no_grad():
-                    w_init = g_source.get_latent(torch.randn(args.auto_layer_batch, latent_dim, device=device))
-                w_init = w_init.unsqueeze(1).repeat(1, n_latent, 1)  # [B_sel, L, D]
-                chosen, select_loss = select_layers(w_init, selection_loss, args.auto_layer_iters, AUTO_LAYER_LR, k_layers)
-                for index, layer in enumerate(layers):
-                    layer.requires_grad_(index in chosen)
-                losses["select"] = select_loss.item()
+    for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
+        # METHOD: one w per sample, the same w for both generators, independent noise
+        z = torch.randn(args.batch, latent_dim, device=device)  # drawn before NADA's selection codes, as its train.py
+        losses = {}
+        if select:
+            # METHOD: NADA's layer selection on fresh codes w+_0 [B_sel, L, D], then only those layers train
             with torch.no_grad():
-                w = g_source.get_latent(z)  # [B, D]
-                x_a, _ = runtime.generate_rows(g_source, [w], input_is_latent=True)  # [B/N, 3, H, W]: this process's rows
-            x_b, _ = runtime.generate_rows(generator, [w], input_is_latent=True)  # [B/N, 3, H, W]
+                w_init = g_source.get_latent(torch.randn(args.auto_layer_batch, latent_dim, device=device))
+            w_init = w_init.unsqueeze(1).repeat(1, n_latent, 1)  # [B_sel, L, D]
+            chosen, select_loss = select_layers(w_init, selection_loss, args.auto_layer_iters, AUTO_LAYER_LR, k_layers)
+            for index, layer in enumerate(layers):
+                layer.requires_grad_(index in chosen)
+            losses["select"] = select_loss.item()
+        with torch.no_grad():
+            w = g_source.get_latent(z)  # [B, D]
+            x_a, _ = runtime.generate_rows(g_source, [w], input_is_latent=True)  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        x_b, _ = runtime.generate_rows(generator, [w], input_is_latent=True)  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
 
-            # METHOD: global and local CLIP losses, tokens from the same forward as E(x_B)
-            global_loss, local_loss, clip_total = (torch.zeros((), device=device) for _ in range(3))
-            for m, (tower, weight, direction) in enumerate(zip(towers, args.clip_model_weights, directions)):
-                with torch.no_grad():
-                    emb_a = F.normalize(tower(clip_input(x_a, tower.resolution, antialias))[0], dim=-1)
-                emb_b, tokens = tower(clip_input(x_b, tower.resolution, antialias), return_layers=(args.clip_layer,) if local else ())
-                g_m = global_clip_loss(F.normalize(emb_b, dim=-1), emb_a, direction)
-                l_m = attentive_style_loss(tokens[args.clip_layer], ref_tokens[m]) if local else torch.zeros((), device=device)
-                clip_total = clip_total + weight * args.lambda_direction * (g_m + args.lambda_partial * l_m)
-                global_loss, local_loss = global_loss + weight * g_m.detach(), local_loss + weight * l_m.detach()
+        # METHOD: global and local CLIP losses, tokens from the same forward as E(x_B)
+        global_loss, local_loss, clip_total = (torch.zeros((), device=device) for _ in range(3))
+        for m, (tower, weight, direction) in enumerate(zip(towers, args.clip_model_weights, directions)):
+            with torch.no_grad():
+                emb_a = F.normalize(tower(clip_input(x_a, tower.resolution, antialias))[0], dim=-1)
+            emb_b, tokens = tower(clip_input(x_b, tower.resolution, antialias), return_layers=(args.clip_layer,) if local else ())
+            g_m = global_clip_loss(F.normalize(emb_b, dim=-1), emb_a, direction)
+            l_m = attentive_style_loss(tokens[args.clip_layer], ref_tokens[m]) if local else torch.zeros((), device=device)
+            clip_total = clip_total + weight * args.lambda_direction * (g_m + args.lambda_partial * l_m)
+            global_loss, local_loss = global_loss + weight * g_m.detach(), local_loss + weight * l_m.detach()
 
-            # METHOD: selective cross-domain consistency (queues filled every step, ramped weight). The queues hold
-            # means over the batch: under torchrun the codes of the global batch, gathered (autograd flows back to each
-            # process's rows), so every process computes the single-process L_scc (common.py, 'Several processes')
-            ramp = 0.0 if nada else scc_ramp(i, args.iter, args.sliding_window_size)
-            scc = torch.zeros((), device=device)
-            if encoder is not None:
-                with torch.no_grad():
-                    codes_a = e4e_codes(x_a)  # [B, K]
-                with torch.set_grad_enabled(ramp > 0):
-                    codes_b = e4e_codes(x_b)  # [B, K]
-                queues.push(codes_a, codes_b)
-                scc = scc_loss(codes_b, codes_a, scc_mask(queues.delta_w(), args.psp_alpha))
-            loss = clip_total if nada else clip_total + args.psp_model_weight * ramp * scc
-            g_optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if select:
-                for p in params:  # layers not chosen: zero gradients, no update (Adam's beta1 = 0), as the release
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-            runtime.step(g_optim)
+        # METHOD: selective cross-domain consistency (queues filled every step, ramped weight). The queues hold
+        # means over the batch: under torchrun the codes of the global batch, gathered (autograd flows back to each
+        # process's rows), so every process computes the single-process L_scc (runtime.py, 'Several processes'; in one process gather returns its input)
+        ramp = 0.0 if nada else scc_ramp(i, args.iter, args.sliding_window_size)
+        scc = torch.zeros((), device=device)
+        if encoder is not None:
+            with torch.no_grad():
+                codes_a = e4e_codes(x_a)  # [B, K]
+            with torch.set_grad_enabled(ramp > 0):
+                codes_b = e4e_codes(x_b)  # [B, K]
+            queues.push(codes_a, codes_b)
+            scc = scc_loss(codes_b, codes_a, scc_mask(queues.delta_w(), args.psp_alpha))
+        loss = clip_total if nada else clip_total + args.psp_model_weight * ramp * scc
+        g_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if select:
+            for p in params:  # layers not chosen: zero gradients, no update (Adam's beta1 = 0), as the release
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        g_optim.step()
 
-            # SHARED: logging, samples, checkpoints
-            losses = {"loss": loss.item(), "global": global_loss.item(), **losses}
-            if not (nada or text):
-                losses["local"] = local_loss.item()
-            if not nada:
-                losses.update(scc=scc.item(), scc_ramp=ramp)
-            losses = runtime.mean_over_processes(losses)
-            pbar.set_postfix_str(runtime.format_losses(losses))
-            log.write(i, losses)
-            if i % args.sample_every == 0:
-                write_samples(i)
-            if (i + 1) % args.save_every == 0:
-                save(i + 1)
-            if runtime.any_process(interrupt.requested):
-                path = save(i + 1)
-                pbar.close()
-                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
-                raise SystemExit(130)
-    pbar.close()
-    write_samples(args.iter)
-    path = save(args.iter)
+        # SHARED: the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
+        losses = {"loss": loss.item(), "global": global_loss.item(), **losses}
+        if not (nada or text):
+            losses["local"] = local_loss.item()
+        if not nada:
+            losses.update(scc=scc.item(), scc_ramp=ramp)
+        run.end_iteration(i, losses)
+    path = run.finish()  # the last sample grids and checkpoint
     print(f"done: {path}")
     return path
 

@@ -425,7 +425,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)  # G_{n-alpha}: frozen, moved only by the EMA
     dataset = common.ImageFolder(args.target, generator.size)
-    run = runtime.RunDir(args.out)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
     latent_dim = generator.style_dim
 
     # METHOD: references and ASC layers
@@ -446,8 +446,7 @@ def main(argv=None):
     if args.highp > len(patch_maps):
         raise UserError(f"--highp {args.highp}: this discriminator has only {len(patch_maps)} patch maps")
 
-    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    runtime.distribute_discriminator(discriminator)
+    # SHARED: --precision bf16 autocasts G and D
     runtime.autocast_forwards(args.precision, g_source, g_ema, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
@@ -463,18 +462,18 @@ def main(argv=None):
     anchor_sample_z = common.sample_anchor_z(anchors, args.n_sample, args.subspace_std)  # [S, D]
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
-    start = 0
+    # SHARED: under torchrun D's minibatch stddev over the global batch, gradients averaged in each optimiser's step(),
+    # the sampler's batches cut to this process's rows; nothing in one process
+    runtime.distribute(discriminator, [g_optim, d_optim, e_optim], sampler)
 
-    resume_path = runtime.resolve_resume(args.resume, run)
-    if resume_path:
-        state = runtime.load_training_checkpoint(resume_path)
-        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+    state = run.resume_state()
+    if state is not None:
+        run.start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         anchors, sample_z, anchor_sample_z = state["anchors"].to(device), state["sample_z"].to(device), state["anchor_sample_z"].to(device)
         mean_path_length = state["mean_path_length"].to(device)
         sampler.load_state_dict(state["sampler"])
-        print(f"resuming {resume_path} at iteration {start}")
 
     # SHARED: the source half of the sample grids (the source's g_ema), one fixed noise for both halves
     fixed_noise = [getattr(g_source_ema.noises, f"noise_{k}") for k in range(g_source_ema.num_layers)]
@@ -483,14 +482,12 @@ def main(argv=None):
         source_anchor_samples = g_source_ema([anchor_sample_z], noise=fixed_noise)[0].cpu()
     del g_source_ema
 
-    def save(i_next):
-        path = run.checkpoint_path(i_next)
-        runtime.save_checkpoint(path, runtime.training_state(
+    def checkpoint(i_next):
+        return runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), anchors=anchors, sample_z=sample_z,
             anchor_sample_z=anchor_sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
-        ))
-        return path
+        )
 
     def write_samples(i):
         with torch.no_grad():
@@ -499,11 +496,9 @@ def main(argv=None):
         runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
         runtime.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_latent = generator.n_latent
-    pbar = runtime.progress_bar(start, args.iter)
-    with ThreadPoolExecutor(max_workers=args.feat_const_batch) as flow_pool, runtime.StopOnInterrupt() as interrupt:
-        for i in pbar:
+    with ThreadPoolExecutor(max_workers=args.feat_const_batch) as flow_pool:
+        for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
             # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
             anchor_iter = common.is_anchor_iteration(i, args.subspace_freq)
             patch_level = not anchor_iter
@@ -520,17 +515,18 @@ def main(argv=None):
                 return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
             # SHARED: D step
-            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
+            real_img = next(sampler)  # [B, 3, H, W] (torchrun: this process's B/N rows)
             common.requires_grad(generator, False)
             common.requires_grad(discriminator, True)
             common.requires_grad(head, True)
             with torch.no_grad():
-                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
             d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
             discriminator.zero_grad()
             head.zero_grad()
             d_loss.backward()
-            runtime.step(d_optim, e_optim)
+            d_optim.step()
+            e_optim.step()
 
             # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
             r1_loss = torch.zeros((), device=device)
@@ -542,17 +538,18 @@ def main(argv=None):
                 head.zero_grad()
                 # gamma / 2 * R1 * k (lazy regularisation)
                 (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                runtime.step(d_optim, e_optim)
+                d_optim.step()
+                e_optim.step()
 
             # SHARED: G step
             common.requires_grad(generator, True)
             common.requires_grad(discriminator, False)
             common.requires_grad(head, False)
             generator.zero_grad()
-            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B/N, 3, H, W]
+            g_terms = common.BackwardEachTerm()  # each term's backward runs as soon as it is formed (less memory)
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
             g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
-            terms.add(g_loss)
+            g_terms.backward(g_loss)
 
             # METHOD: ASC forwards first on a fresh batch z ~ N(0, I); the CPU flow (5) runs while IDC computes. Under
             # torchrun every process computes L_idc and L_asc on all N latents, identically (ASC draws its point pairs
@@ -592,9 +589,9 @@ def main(argv=None):
                     use_pred=not args.no_pred, use_cutoff=not args.no_cutoff, kind=args.flow_magnitude, sampler=args.asc_sampler)
                 asc_loss = asc_kl(sim_ref, sim_cur, sizes if args.asc_softmax == "per_layer" else None)
             # (10) L_G + lambda_prog (L_idc + lambda_asc L_asc); one term: L_idc and L_asc can share G_n's forward
-            terms.add(args.kl_wt * (dist_loss + ASC_WEIGHT_FACTOR * args.lfcw * asc_loss))
-            terms.backward()
-            runtime.step(g_optim)
+            g_terms.backward(args.kl_wt * (dist_loss + ASC_WEIGHT_FACTOR * args.lfcw * asc_loss))
+            g_terms.finish()
+            g_optim.step()
 
             # SHARED: lazy path-length regularisation (z ~ p_z with mixing, never anchors)
             path_loss = torch.zeros((), device=device)
@@ -604,26 +601,13 @@ def main(argv=None):
                 path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
                 generator.zero_grad()
                 (args.path_regularize * args.g_reg_every * path_loss).backward()
-                runtime.step(g_optim)
+                g_optim.step()
 
             # SHARED: EMA (G_{n-alpha} <- d G_{n-alpha} + (1 - d) G_n), logging, samples, checkpoints
             common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "idc": dist_loss.item(), "asc": asc_loss.item(),
-                                                 "r1": r1_loss.item(), "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(runtime.format_losses(losses))
-            log.write(i, losses)
-            if i % args.sample_every == 0:
-                write_samples(i)
-            if (i + 1) % args.save_every == 0:
-                save(i + 1)
-            if runtime.any_process(interrupt.requested):
-                path = save(i + 1)
-                pbar.close()
-                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
-                raise SystemExit(130)
-    pbar.close()
-    write_samples(args.iter)
-    path = save(args.iter)
+            run.end_iteration(i, {"d": d_loss, "g": g_loss, "idc": dist_loss, "asc": asc_loss, "r1": r1_loss,
+                                  "path": path_loss, "mean_path": mean_path_length})
+    path = run.finish()  # the last sample grids and checkpoint
     print(f"done: {path}")
     return path
 

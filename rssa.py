@@ -461,7 +461,7 @@ def main(argv=None):
     common.requires_grad(g_source, False)
     common.requires_grad(g_ema, False)
     dataset = common.ImageFolder(args.target, generator.size)
-    run = runtime.RunDir(args.out)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
     latent_dim = generator.style_dim
 
     # METHOD: CDC's patch head, anchors and which D map each patch level reads
@@ -474,8 +474,7 @@ def main(argv=None):
     blend = slot_blend(args.blend, generator.n_latent, generator.size).to(device)  # [n_latent]
     scc_layers, dcc_layers, dcc_grids = structure_layers(generator)
 
-    # SHARED: under torchrun D's minibatch stddev over the global batch; --precision bf16 autocasts G and D
-    runtime.distribute_discriminator(discriminator)
+    # SHARED: --precision bf16 autocasts G and D
     runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
@@ -492,19 +491,19 @@ def main(argv=None):
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
     codes = None
-    start = 0
+    # SHARED: under torchrun D's minibatch stddev over the global batch, gradients averaged in each optimiser's step(),
+    # the sampler's batches cut to this process's rows; nothing in one process
+    runtime.distribute(discriminator, [g_optim, d_optim, e_optim], sampler)
 
-    resume_path = runtime.resolve_resume(args.resume, run)
-    if resume_path:
-        state = runtime.load_training_checkpoint(resume_path)
-        start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
+    state = run.resume_state()
+    if state is not None:
+        run.start = runtime.restore_training_state(state, generator, g_ema, discriminator, g_optim, d_optim)
         head.load_state_dict(state["patch_head"])
         e_optim.load_state_dict(state["patch_optim"])
         anchors, sample_z, anchor_sample_z = state["anchors"].to(device), state["sample_z"].to(device), state["anchor_sample_z"].to(device)
         mean_path_length = state["mean_path_length"].to(device)
         sampler.load_state_dict(state["sampler"])
         codes = state.get("latent_codes")
-        print(f"resuming {resume_path} at iteration {start}")
 
     # METHOD: the target codes that span P (inverted once, cached in the run folder), P's projectors
     projectors = None
@@ -521,15 +520,13 @@ def main(argv=None):
         source_samples = g_source([sample_z], noise=fixed_noise)[0].cpu()
         source_anchor_samples = g_source([anchor_sample_z], noise=fixed_noise)[0].cpu()
 
-    def save(i_next):
-        path = run.checkpoint_path(i_next)
-        runtime.save_checkpoint(path, runtime.training_state(
+    def checkpoint(i_next):
+        return runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             patch_head=head.state_dict(), patch_optim=e_optim.state_dict(), anchors=anchors, sample_z=sample_z,
             anchor_sample_z=anchor_sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
             latent_codes=None if codes is None else codes.cpu(), blend=blend.cpu(),
-        ))
-        return path
+        )
 
     def write_samples(i):
         with torch.no_grad():
@@ -538,136 +535,122 @@ def main(argv=None):
         runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
         runtime.save_comparison_grid(os.path.join(run.samples, f"anchors_{i:06d}.png"), source_anchor_samples, adapted_anchor)
 
-    log = runtime.CSVLog(run.log_path, resume_from=start if resume_path else None, resumed_checkpoint=resume_path)
     n_const = args.feat_const_batch
-    pbar = runtime.progress_bar(start, args.iter)
-    with runtime.StopOnInterrupt() as interrupt:
-        for i in pbar:
-            # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
-            anchor_iter = common.is_anchor_iteration(i, args.subspace_freq)
-            patch_level = not anchor_iter
+    for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
+        # METHOD: anchor iteration (image-level D, z from the anchor regions) or patch iteration (z ~ p_z)
+        anchor_iter = common.is_anchor_iteration(i, args.subspace_freq)
+        patch_level = not anchor_iter
 
-            def sample_latents(batch):
-                if anchor_iter:
-                    zs = [common.sample_anchor_z(anchors, batch, args.subspace_std)]
-                else:
-                    zs = common.mixing_noise(batch, latent_dim, args.mixing, device)
-                return [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)]  # one W+ code [B, n_latent, D]
+        def sample_latents(batch):
+            if anchor_iter:
+                zs = [common.sample_anchor_z(anchors, batch, args.subspace_std)]
+            else:
+                zs = common.mixing_noise(batch, latent_dim, args.mixing, device)
+            return [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)]  # one W+ code [B, n_latent, D]
 
-            def d_logits(images):
-                if not patch_level:
-                    return discriminator(images)  # [B, 1]
-                level = int(torch.randint(0, args.highp, ()))  # a fresh patch map per D call (official)
-                return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
+        def d_logits(images):
+            if not patch_level:
+                return discriminator(images)  # [B, 1]
+            level = int(torch.randint(0, args.highp, ()))  # a fresh patch map per D call (official)
+            return common.patch_logits(discriminator, head, images, level, patch_maps)  # [B, 1, h, w]
 
-            # SHARED: D step
-            real_img = next(sampler)[runtime.rows(args.batch)]  # [B/N, 3, H, W]: this process's rows (N processes)
-            common.requires_grad(generator, False)
-            common.requires_grad(discriminator, True)
-            common.requires_grad(head, True)
-            with torch.no_grad():
-                fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
-            d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
+        # SHARED: D step
+        real_img = next(sampler)  # [B, 3, H, W] (torchrun: this process's B/N rows)
+        common.requires_grad(generator, False)
+        common.requires_grad(discriminator, True)
+        common.requires_grad(head, True)
+        with torch.no_grad():
+            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        d_loss = common.d_logistic_loss(d_logits(real_img), d_logits(fake_img))
+        discriminator.zero_grad()
+        head.zero_grad()
+        d_loss.backward()
+        d_optim.step()
+        e_optim.step()
+
+        # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
+        r1_loss = torch.zeros((), device=device)
+        if i % args.d_reg_every == 0:
+            real_img.requires_grad_(True)
+            real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
+            r1_loss = common.d_r1_loss(real_pred, real_img)
             discriminator.zero_grad()
             head.zero_grad()
-            d_loss.backward()
-            runtime.step(d_optim, e_optim)
+            # gamma / 2 * R1 * k (lazy regularisation)
+            (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
+            d_optim.step()
+            e_optim.step()
 
-            # SHARED: lazy R1 on the reals as seen by this iteration's D (patch logits averaged per image)
-            r1_loss = torch.zeros((), device=device)
-            if i % args.d_reg_every == 0:
-                real_img.requires_grad_(True)
-                real_pred = d_logits(real_img).flatten(1).mean(1)  # [B]
-                r1_loss = common.d_r1_loss(real_pred, real_img)
-                discriminator.zero_grad()
-                head.zero_grad()
-                # gamma / 2 * R1 * k (lazy regularisation)
-                (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
-                runtime.step(d_optim, e_optim)
+        # SHARED: G step
+        common.requires_grad(generator, True)
+        common.requires_grad(discriminator, False)
+        common.requires_grad(head, False)
+        generator.zero_grad()
+        g_terms = common.BackwardEachTerm()  # each term's backward runs as soon as it is formed (less memory)
+        fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
+        g_terms.backward(g_loss)
 
-            # SHARED: G step
-            common.requires_grad(generator, True)
-            common.requires_grad(discriminator, False)
-            common.requires_grad(head, False)
-            generator.zero_grad()
-            terms = common.LossTerms()  # each term back-propagates as soon as it is formed (less memory)
-            fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch), input_is_latent=True)  # [B/N, 3, H, W]
-            g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
-            terms.add(g_loss)
-
-            # METHOD: self-correlation consistency on N fresh z through P, fixed noise (per sample: each process its rows)
-            scc_loss = torch.zeros((), device=device)
-            path_z = None  # the latents the official path-length step reuses
-            if not args.no_scc:
-                path_z = torch.randn(n_const, latent_dim, device=device)  # [N, D]
-                with torch.no_grad():
-                    w_src = latents_wplus(g_source, [path_z], projectors, blend)  # [N, L, D], G_s's own mapping
-                    _, feats_src = runtime.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
-                                                        feats_upto=scc_layers[-1])
-                w_tgt = latents_wplus(generator, [path_z], projectors, blend)  # [N, L, D], G_t's mapping
-                _, feats_tgt = runtime.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+        # METHOD: self-correlation consistency on N fresh z through P, fixed noise (per sample: each process its rows)
+        scc_loss = torch.zeros((), device=device)
+        path_z = None  # the latents the official path-length step reuses
+        if not args.no_scc:
+            path_z = torch.randn(n_const, latent_dim, device=device)  # [N, D]
+            with torch.no_grad():
+                w_src = latents_wplus(g_source, [path_z], projectors, blend)  # [N, L, D], G_s's own mapping
+                _, feats_src = runtime.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
                                                     feats_upto=scc_layers[-1])
-                scc_loss = self_correlation_loss([feats_src[k] for k in scc_layers], [feats_tgt[k] for k in scc_layers])
-                terms.add(args.scc_wt * scc_loss)
+            w_tgt = latents_wplus(generator, [path_z], projectors, blend)  # [N, L, D], G_t's mapping
+            _, feats_tgt = runtime.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+                                                feats_upto=scc_layers[-1])
+            scc_loss = self_correlation_loss([feats_src[k] for k in scc_layers], [feats_tgt[k] for k in scc_layers])
+            g_terms.backward(args.scc_wt * scc_loss)
 
-            # METHOD: disturbance correlation consistency every dcc-every-th iteration (every one without L_scc)
-            dcc_loss = torch.zeros((), device=device)
-            if not args.no_dcc and i % (1 if args.no_scc else args.dcc_every) == 0:
-                z_anchor = torch.randn(1, latent_dim, device=device)  # [1, D]
-                z_iid = torch.randn(n_const, latent_dim, device=device)  # [N, D]
-                # the disturbed codes z = 0.85 z_a + 0.15 n_i (official: built, then left for the path-length step)
-                path_z = 0.85 * z_anchor + 0.15 * z_iid  # [N, D]
-                z = path_z if args.dcc_latents == "disturbed" else z_iid
-                dcc_projectors = projectors if args.dcc_compress else None
-                with torch.no_grad():
-                    w_src = latents_wplus(g_source, [z], dcc_projectors, blend)  # [N, L, D]
-                    _, feats_src = runtime.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
-                                                        feats_upto=dcc_layers[-1])
-                w_tgt = latents_wplus(generator, [z], dcc_projectors, blend)  # [N, L, D]
-                _, feats_tgt = runtime.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+        # METHOD: disturbance correlation consistency every dcc-every-th iteration (every one without L_scc)
+        dcc_loss = torch.zeros((), device=device)
+        if not args.no_dcc and i % (1 if args.no_scc else args.dcc_every) == 0:
+            z_anchor = torch.randn(1, latent_dim, device=device)  # [1, D]
+            z_iid = torch.randn(n_const, latent_dim, device=device)  # [N, D]
+            # the disturbed codes z = 0.85 z_a + 0.15 n_i (official: built, then left for the path-length step)
+            path_z = 0.85 * z_anchor + 0.15 * z_iid  # [N, D]
+            z = path_z if args.dcc_latents == "disturbed" else z_iid
+            dcc_projectors = projectors if args.dcc_compress else None
+            with torch.no_grad():
+                w_src = latents_wplus(g_source, [z], dcc_projectors, blend)  # [N, L, D]
+                _, feats_src = runtime.generate_rows(g_source, [w_src], input_is_latent=True, randomize_noise=False, return_feats=True,
                                                     feats_upto=dcc_layers[-1])
-                # L_dcc couples the N latents (pairs j < k): every process's rows gathered (autograd flows back to each),
-                # so every process computes the single-process loss of all N (common.py, 'Several processes')
-                feats_src, feats_tgt = runtime.gather(feats_src, n_const), runtime.gather(feats_tgt, n_const)
-                dcc_loss = disturbance_correlation_loss(feats_src, feats_tgt, dcc_grids)
-                terms.add(args.dcc_wt * dcc_loss)
-            # L_G + lambda_scc L_scc + lambda_dcc L_dcc, term by term
-            terms.backward()
-            runtime.step(g_optim)
+            w_tgt = latents_wplus(generator, [z], dcc_projectors, blend)  # [N, L, D]
+            _, feats_tgt = runtime.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
+                                                feats_upto=dcc_layers[-1])
+            # L_dcc couples the N latents (pairs j < k): every process's rows gathered (autograd flows back to each),
+            # so every process computes the single-process loss of all N (runtime.py, 'Several processes'; in one process gather returns its input)
+            feats_src, feats_tgt = runtime.gather(feats_src, n_const), runtime.gather(feats_tgt, n_const)
+            dcc_loss = disturbance_correlation_loss(feats_src, feats_tgt, dcc_grids)
+            g_terms.backward(args.dcc_wt * dcc_loss)
+        # L_G + lambda_scc L_scc + lambda_dcc L_dcc, term by term
+        g_terms.finish()
+        g_optim.step()
 
-            # SHARED: lazy path-length regularisation, through P (official: on the structure losses' codes)
-            path_loss = torch.zeros((), device=device)
-            if i % args.g_reg_every == 0:
-                if args.path_latents == "fresh" or path_z is None:
-                    path_batch = max(1, args.batch // args.path_batch_shrink)
-                    zs = common.mixing_noise(path_batch, latent_dim, args.mixing, device)
-                else:
-                    zs = [path_z]
-                fake_img, latents = runtime.generate_rows(generator, [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)],
-                                                         input_is_latent=True, return_latents=True)
-                path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=len(zs[0]))
-                generator.zero_grad()
-                (args.path_regularize * args.g_reg_every * path_loss).backward()
-                runtime.step(g_optim)
+        # SHARED: lazy path-length regularisation, through P (official: on the structure losses' codes)
+        path_loss = torch.zeros((), device=device)
+        if i % args.g_reg_every == 0:
+            if args.path_latents == "fresh" or path_z is None:
+                path_batch = max(1, args.batch // args.path_batch_shrink)
+                zs = common.mixing_noise(path_batch, latent_dim, args.mixing, device)
+            else:
+                zs = [path_z]
+            fake_img, latents = runtime.generate_rows(generator, [latents_wplus(generator, zs, projectors, blend, args.mixing_fix)],
+                                                     input_is_latent=True, return_latents=True)
+            path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=len(zs[0]))
+            generator.zero_grad()
+            (args.path_regularize * args.g_reg_every * path_loss).backward()
+            g_optim.step()
 
-            # SHARED: EMA, logging, samples, checkpoints
-            common.accumulate(g_ema, generator, common.EMA_DECAY)
-            losses = runtime.mean_over_processes({"d": d_loss.item(), "g": g_loss.item(), "scc": scc_loss.item(), "dcc": dcc_loss.item(),
-                                                 "r1": r1_loss.item(), "path": path_loss.item(), "mean_path": mean_path_length.item()})
-            pbar.set_postfix_str(runtime.format_losses(losses))
-            log.write(i, losses)
-            if i % args.sample_every == 0:
-                write_samples(i)
-            if (i + 1) % args.save_every == 0:
-                save(i + 1)
-            if runtime.any_process(interrupt.requested):
-                path = save(i + 1)
-                pbar.close()
-                print(f"stopped after iteration {i}; resume with: {runtime.resume_command(__file__, path)}")
-                raise SystemExit(130)
-    pbar.close()
-    write_samples(args.iter)
-    path = save(args.iter)
+        # SHARED: EMA, the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
+        common.accumulate(g_ema, generator, common.EMA_DECAY)
+        run.end_iteration(i, {"d": d_loss, "g": g_loss, "scc": scc_loss, "dcc": dcc_loss, "r1": r1_loss,
+                              "path": path_loss, "mean_path": mean_path_length})
+    path = run.finish()  # the last sample grids and checkpoint
     print(f"done: {path}")
     return path
 

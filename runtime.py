@@ -111,7 +111,8 @@ def _as_tuple(value):
 # (--batch) from the same seeded generators, so the random streams are the single-process run's, and keeps its own
 # rows (`rows`, `generate_rows`). What couples the samples of a batch (D's minibatch stddev, the path-length mean,
 # the methods' cross-sample losses) is computed on tensors gathered over the processes (`gather`), i.e. over the
-# global batch. Before every optimiser step the gradients are averaged over the processes (`step`).
+# global batch. Before every optimiser step the gradients are averaged over the processes (`average_gradients`, which
+# `distribute` installs as each optimiser's step pre-hook, so the loops call optimizer.step() as in one process).
 #
 # Loss scaling: none is needed, for this reason. `gather`'s backward sums the incoming gradient over the processes
 # before keeping this process's rows, so the gradients of all processes add up to the gradient of the SUM over
@@ -124,9 +125,9 @@ def _as_tuple(value):
 # (e.g. a path-length batch of 2 on 4 processes) is not split: every process computes all of it, identically, and
 # the average of N equal gradients is that gradient.
 #
-# Why an explicit all-reduce before each step (`step`) and not DistributedDataParallel: the loops call the networks
+# Why an explicit all-reduce before each step (`average_gradients`) and not DistributedDataParallel: the loops call the networks
 # through methods DDP's forward hook does not see (D.feature_maps for CDC's patch head, G.style, G with feats_upto,
-# which leaves the later layers unused), back-propagate several times per step (common.LossTerms) and through
+# which leaves the later layers unused), back-propagate several times per step (common.BackwardEachTerm) and through
 # autograd.grad with create_graph (R1, path length), and switch requires_grad between the D and G steps. Under DDP
 # each of these needs a workaround (find_unused_parameters, no_sync, static graphs); one all-reduce of the flattened
 # gradients of the optimiser's parameters, right before its step, is the same arithmetic with no special cases. What
@@ -265,22 +266,35 @@ def distribute_discriminator(discriminator):
     return discriminator
 
 
-def step(*optimizers):
-    """optimizer.step() for each optimiser given (None skipped), in order; under torchrun the gradients of their
-    parameters are first averaged over the processes (one all-reduce of the flattened gradients)."""
-    optimizers = [o for o in optimizers if o is not None]
-    if world_size() > 1:
-        grads = [p.grad for o in optimizers for group in o.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.flatten() for g in grads])  # [P], every gradient
-            dist.all_reduce(flat)
-            flat /= world_size()
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+def distribute(discriminator, optimizers, sampler=None):
+    """Under torchrun, installed once at set-up so that the training loop reads as the single-process algorithm:
+    D's minibatch stddev over the global batch (`distribute_discriminator`), each optimiser's step() first averages
+    its gradients over the processes (`average_gradients`, a step pre-hook), and the sampler gives this process's rows
+    of each global batch. Nothing in a single process."""
+    if world_size() == 1:
+        return
+    if discriminator is not None:
+        distribute_discriminator(discriminator)
     for optimizer in optimizers:
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: average_gradients(opt))
+    if sampler is not None:
+        sampler.rows = rows(sampler.batch)
+
+
+def average_gradients(optimizer):
+    """The gradients of the optimiser's parameters averaged over the processes (one all-reduce of the flattened
+    gradients)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])  # [P], every gradient
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _collective_device():
@@ -835,6 +849,73 @@ class StopOnInterrupt:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+# ------------------------------------------------------------------------------------------------
+# A training run's lifecycle
+
+
+class Run(RunDir):
+    """A method's training run: its folder (RunDir), --resume, the iterations with a progress bar, log.csv, the sample
+    grids, the checkpoints and Ctrl-C. The method gives `checkpoint(i_next)` (the state dict a checkpoint holds) and
+    `samples(i)` (writes the sample grids of iteration i) to `iterations`; the loop ends each iteration with
+    `end_iteration(i, losses)` and the run with `finish()`."""
+
+    def __init__(self, args, script):
+        super().__init__(args.out)
+        self.args, self.script = args, script
+        self.resume_path = resolve_resume(args.resume, self)
+        self.start = 0  # the iteration the loop starts at; a resumed run sets it
+        self.make_checkpoint = self.write_samples = None
+
+    def resume_state(self):
+        """The checkpoint dict --resume continues from; None for a new run."""
+        return load_training_checkpoint(self.resume_path) if self.resume_path else None
+
+    def iterations(self, checkpoint, samples):
+        """range(start, --iter) under a progress bar. A Ctrl-C only sets a flag: `end_iteration` stops the run after the
+        iteration it is in, with a checkpoint."""
+        self.make_checkpoint, self.write_samples = checkpoint, samples
+        if self.resume_path:
+            print(f"resuming {self.resume_path} at iteration {self.start}")
+        self.log = CSVLog(self.log_path, resume_from=self.start if self.resume_path else None, resumed_checkpoint=self.resume_path)
+        self.pbar = progress_bar(self.start, self.args.iter)
+        self.interrupt = StopOnInterrupt().__enter__()
+        try:
+            yield from self.pbar
+        finally:
+            self._close()
+
+    def _close(self):
+        self.pbar.close()
+        self.interrupt.__exit__(None, None, None)  # the previous Ctrl-C handler back
+
+    def save(self, i_next):
+        path = self.checkpoint_path(i_next)
+        save_checkpoint(path, self.make_checkpoint(i_next))
+        return path
+
+    def end_iteration(self, i, losses):
+        """After iteration i: the losses ({name: tensor or float}, averaged over the processes under torchrun) to the
+        progress bar and log.csv; the sample grids every --sample-every iterations, a checkpoint every --save-every;
+        after a Ctrl-C a checkpoint, then exit status 130."""
+        losses = mean_over_processes({name: float(value) for name, value in losses.items()})
+        self.pbar.set_postfix_str(format_losses(losses))
+        self.log.write(i, losses)
+        if i % self.args.sample_every == 0:
+            self.write_samples(i)
+        if (i + 1) % self.args.save_every == 0:
+            self.save(i + 1)
+        if any_process(self.interrupt.requested):
+            path = self.save(i + 1)
+            self._close()
+            print(f"stopped after iteration {i}; resume with: {resume_command(self.script, path)}")
+            raise SystemExit(130)
+
+    def finish(self):
+        """The last sample grids and checkpoint; returns the checkpoint's path."""
+        self.write_samples(self.args.iter)
+        return self.save(self.args.iter)
 
 
 def check_discriminator_batch(batch):

@@ -1,4 +1,4 @@
-"""The generator step's per-term backward (common.LossTerms, less memory) against the single backward over the
+"""The generator step's per-term backward (common.BackwardEachTerm, less memory) against the single backward over the
 summed loss it replaced: the gradients of every optimiser step of a few tiny iterations agree to 1e-6 relative."""
 
 import pytest
@@ -26,10 +26,10 @@ RUNS = {
 
 def gradients_of_every_step(monkeypatch, module, argv, summed):
     """The .grad of every parameter at each optimiser step of a run, in step order, and how many loss terms
-    with a gradient went through common.LossTerms."""
+    with a gradient went through common.BackwardEachTerm."""
     steps, terms = [], []
     adam_step = torch.optim.Adam.step
-    add_term = common.LossTerms.add
+    add_term = common.BackwardEachTerm.backward
 
     def counting_add(self, loss):
         terms.append(loss.requires_grad)
@@ -41,8 +41,8 @@ def gradients_of_every_step(monkeypatch, module, argv, summed):
 
     with monkeypatch.context() as patch:
         patch.setattr(torch.optim.Adam, "step", recording_step)
-        patch.setattr(common.LossTerms, "summed", summed)
-        patch.setattr(common.LossTerms, "add", counting_add)
+        patch.setattr(common.BackwardEachTerm, "summed", summed)
+        patch.setattr(common.BackwardEachTerm, "backward", counting_add)
         torch.manual_seed(0)
         module.main(argv)
     return steps, sum(terms)
