@@ -61,7 +61,9 @@ start). The exception is run.sh's caricatures 5-shot line, which trains on the 1
 5 of them: preset face2caricatures-5shot (--span 90,94,96,97,98, 5 anchors).
 The inversion runs 4001 Adam updates: invert_gan.py saves the code at step 4000 after that step's update.
 Not reproduced: codes indexed by os.listdir order (here keyed by file name), unseeded NumPy, non-strict
-loads, only g_ema saved, `Tensor.resize`, and the 4096 x 4096 Gram matrices held in memory (here computed in row blocks with the gradient fused in; same values).
+loads, only g_ema saved, `Tensor.resize`, and the 4096 x 4096 Gram matrices held in memory in training (the plain
+form is self_correlation_loss_plain; training uses self_correlation_loss, in row blocks with the gradient fused in;
+same values).
 """
 
 import argparse
@@ -198,6 +200,34 @@ def windows(x, grid):
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b * grid * grid, (h // grid) * (w // grid), c)  # [B g^2, k^2, C]
 
 
+def self_correlation_loss_plain(feats_src, feats_tgt):
+    """RSSA's L_scc without its weight, in the plain form of the official code (the reference; the training loop
+    uses its memory-saving equal, self_correlation_loss, below). feats_*: lists of the same layers [B, C, H, H] of
+    G_s and G_t for the same latents (H divisible by 8); the source side gets no gradient. Returns a scalar.
+    Holds every [n, n] Gram matrix: at 256^2, 4096 x 4096 per window (about 2 GB per layer with its backward)."""
+    total = 0
+    for f_s, f_t in zip(feats_src, feats_tgt):
+        b, c, h, _ = f_s.shape
+        k = h // 4  # window side, on the pooled H/2 map
+        # X = avgpool_2x2( F / |F|_channel ), source and target stacked: [2B, C, H/2, H/2]
+        x = F.adaptive_avg_pool2d(F.normalize(torch.cat([f_s.detach(), f_t]), dim=1), h // 2)
+        # the 2x2 grid of k x k windows, positions row-major: [2B 4, k^2, C]
+        unfolded = F.unfold(x, k, stride=k).reshape(2 * b, c, k * k, 4).permute(0, 3, 2, 1).reshape(2 * b * 4, k * k, c)
+        # term A: mean_{b, Omega in grid} smoothL1( X_t X_t^T - X_s X_s^T )   (SmoothL1Loss: beta 1, mean over all entries)
+        gram = unfolded @ unfolded.transpose(1, 2)  # [2B 4, k^2, k^2]
+        total = total + torch.nn.SmoothL1Loss()(gram[4 * b :], gram[: 4 * b])
+        # term B: mean_{b} smoothL1( X_t X_t^T - X_s X_s^T ) on the centre window [k/2, k/2 + k)^2
+        centre = x[:, :, k // 2 : h // 2 - k // 2, k // 2 : h // 2 - k // 2].flatten(2).transpose(1, 2)  # [2B, k^2, C]
+        gram = centre @ centre.transpose(1, 2)  # [2B, k^2, k^2]
+        total = total + torch.nn.SmoothL1Loss()(gram[b:], gram[:b])
+    # L_scc = sum over layers of term A + term B
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# METHOD: L_scc's memory path (row blocks, gradient fused in), equal to self_correlation_loss_plain
+
+
 class _GramSmoothL1(torch.autograd.Function):
     """mean_{w, a, b} smoothL1( (X_t X_t^T)[w, a, b] - (X_s X_s^T)[w, a, b] ) and its gradient w.r.t. X_t.
 
@@ -239,8 +269,13 @@ def gram_smooth_l1(x_src, x_tgt, chunk_elements=GRAM_CHUNK_ELEMENTS):
 
 
 def self_correlation_loss(feats_src, feats_tgt, chunk_elements=GRAM_CHUNK_ELEMENTS):
-    """RSSA's L_scc without its weight. feats_*: lists of the same layers [B, C, H, H] of G_s and G_t for the
-    same latents (H divisible by 8); the source side gets no gradient. Official value, summed over layers:
+    """RSSA's L_scc without its weight: equal to self_correlation_loss_plain (value and gradient, up to float
+    rounding; tests/test_rssa.py checks both), and what the training loop uses. feats_*: lists of the same layers
+    [B, C, H, H] of G_s and G_t for the same latents (H divisible by 8); the source side gets no gradient.
+    Why it exists: the plain form holds every [n, n] Gram matrix and the smooth-L1 input for backward (at 256^2,
+    4096 x 4096 per window, about 2 GB per layer); here the Gram products are formed chunk_elements entries at a
+    time with the gradient fused in (_GramSmoothL1), so memory stays at two such blocks. Same windows as the plain
+    form (avg_pool2d at an even H is its adaptive pool; windows() is its unfold order), summed over layers:
         mean smooth-L1 over the 2x2 grid of windows + mean smooth-L1 over the centre window."""
     total = feats_tgt[0].new_zeros(())
     for f_src, f_tgt in zip(feats_src, feats_tgt):

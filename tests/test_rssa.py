@@ -1,5 +1,6 @@
-"""rssa.py: both losses against direct computations in the official form, the compression P, the inversion,
-and end-to-end tiny runs on CPU (files, code cache, bit-for-bit resume, one-line errors)."""
+"""rssa.py: L_scc's chunked form against rssa's plain one, L_dcc against a direct computation in the official
+form, the compression P, the inversion, and end-to-end tiny runs on CPU (files, code cache, bit-for-bit resume,
+one-line errors)."""
 
 import os
 import random
@@ -24,23 +25,6 @@ from stylegan2 import Generator
 # L_scc
 
 
-def scc_direct(feats_src, feats_tgt):
-    """The official computation: concatenate, normalise, adaptive-pool to H/2, unfold the 2x2 grid of H/4 windows
-    into [2B P, k^2, C], full Gram matrices, SmoothL1Loss; the same for the centre crop; summed over layers."""
-    total = 0
-    for f_s, f_t in zip(feats_src, feats_tgt):
-        b, c, h, _ = f_s.shape
-        x = F.adaptive_avg_pool2d(F.normalize(torch.cat([f_s, f_t]), dim=1), h // 2)
-        k = h // 4
-        unfolded = F.unfold(x, k, stride=k).reshape(2 * b, c, k * k, 4).permute(0, 3, 2, 1).reshape(2 * b * 4, k * k, c)
-        gram = unfolded @ unfolded.transpose(1, 2)
-        total = total + torch.nn.SmoothL1Loss()(gram[4 * b :], gram[: 4 * b])
-        centre = x[:, :, k // 2 : h // 2 - k // 2, k // 2 : h // 2 - k // 2].flatten(2).transpose(1, 2)
-        gram = centre @ centre.transpose(1, 2)
-        total = total + torch.nn.SmoothL1Loss()(gram[b:], gram[:b])
-    return total
-
-
 def random_maps(shapes, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*s, generator=g) for s in shapes]
@@ -48,6 +32,9 @@ def random_maps(shapes, seed):
 
 @pytest.mark.parametrize("chunk", [rssa.GRAM_CHUNK_ELEMENTS, 50])
 def test_scc_equals_official_form_value_and_gradient(chunk):
+    """The chunked autograd form (the training loop's) against rssa.self_correlation_loss_plain, the official
+    computation: concatenate, normalise, adaptive-pool to H/2, unfold the 2x2 grid of H/4 windows, full Gram
+    matrices, SmoothL1Loss; the same for the centre crop; summed over layers."""
     shapes = [(3, 6, 8, 8), (3, 5, 16, 16), (3, 4, 32, 32)]
     feats_src = random_maps(shapes, 1)
     feats_tgt = [(f + 0.5 * n).requires_grad_() for f, n in zip(feats_src, random_maps(shapes, 2))]
@@ -56,7 +43,7 @@ def test_scc_equals_official_form_value_and_gradient(chunk):
     grads = [f.grad.clone() for f in feats_tgt]
     for f in feats_tgt:
         f.grad = None
-    expected = scc_direct(feats_src, feats_tgt)
+    expected = rssa.self_correlation_loss_plain(feats_src, feats_tgt)
     expected.backward()
     assert torch.allclose(ours, expected, rtol=1e-5) and ours.item() > 0
     for ours_grad, f in zip(grads, feats_tgt):
@@ -73,7 +60,7 @@ def test_scc_linear_branch_of_smooth_l1():
     sign = sign.repeat_interleave(2, 0).repeat_interleave(2, 1)
     feats_tgt = [(v * sign).expand(2, 4, 16, 16).clone().requires_grad_()]
     ours = rssa.self_correlation_loss(feats_src, feats_tgt, chunk_elements=7)
-    assert torch.allclose(ours, scc_direct(feats_src, feats_tgt), rtol=1e-6)
+    assert torch.allclose(ours, rssa.self_correlation_loss_plain(feats_src, feats_tgt), rtol=1e-6)
     assert ours.item() == pytest.approx(2 * 0.5 * 1.5, rel=1e-5)  # half the entries at smoothL1(-2) = 1.5, two terms
 
 
@@ -83,8 +70,11 @@ def test_scc_zero_for_identical_and_gradient_only_to_target():
     assert rssa.self_correlation_loss(feats, [f.clone() for f in feats]).abs().item() < 1e-12
     feats_src = [f.requires_grad_() for f in random_maps(shapes, 4)]
     feats_tgt = [f.requires_grad_() for f in random_maps(shapes, 5)]
-    rssa.self_correlation_loss(feats_src, feats_tgt).backward()
-    assert all(f.grad is None for f in feats_src) and all(f.grad.abs().sum() > 0 for f in feats_tgt)
+    for loss in (rssa.self_correlation_loss, rssa.self_correlation_loss_plain):
+        for f in feats_tgt:
+            f.grad = None
+        loss(feats_src, feats_tgt).backward()
+        assert all(f.grad is None for f in feats_src) and all(f.grad.abs().sum() > 0 for f in feats_tgt)
 
 
 # ------------------------------------------------------------------------------------------------
