@@ -20,7 +20,7 @@ InfoNCE with a learned temperature,
 Images go through pretrained.clip_input (antialiased resize of the 32-px renders to 16 px, CLIP's normalisation),
 as difa.py feeds generated images.
 
-What makes it a better guide (measured with the testbed's DiFa and NADA rows; README, demo): a guide that
+What makes it a better guide (measured with the testbed's DiFa and NADA rows; docs/demo-and-testbed.md): a guide that
 follows CLIP's gradient moves pixels wherever the embedding moves fastest. OpenAI's CLIP reads a 1024-px
 generator's images at 224 px, so a change must span several pixels to count; here the tower reads the 32-px
 generator at half its resolution for the same reason (at 32 px DiFa and NADA turned faces pale and speckled).
@@ -33,8 +33,8 @@ and zero-shot accuracy fell to 0.67 on photos); pixel noise up to std 0.7; mixup
 this 16-px tower paired with a 32-px one, like the official ViT-B/32 + ViT-B/16 pair (DiFa and NADA from the sketch
 whiten further, FD 92 / 102; from text the faces stay near the source, p(sketch) 0.008 / 0.26).
 The guides still whiten faces rather than draw lines, and how far the text rows move depends on the training seed
-(README, testbed). That is this CLIP's optimum, not a failure to reach it: it rates DiFa's whitened samples
-nearer the reference sketch than real sketch renders (README, DiFa).
+(docs/demo-and-testbed.md). That is this CLIP's optimum, not a failure to reach it: it rates DiFa's whitened samples
+nearer the reference sketch than real sketch renders (docs/methods.md, DiFa).
 The command prints the zero-shot style accuracy on held-out renders (seeds from toyfaces.EVAL_SEED_START on)
 with the three first style phrases as prompts.
 """
@@ -239,7 +239,7 @@ def washed_photos(x, rng):
     """Photos that have lost their colour without becoming drawings, each kind a third of the time: faded toward
     the sketches' paper colour by a in U(0.3, 0.9); grey, then faded by a in U(0, 0.6); grey shading multiplied
     onto the paper (a sketch's colours, but filled shading, not lines). Captioned as photos during training, they
-    close the shortcut "pale and paper-coloured means sketch" for the CLIP (not fully for the guides: README)."""
+    close the shortcut "pale and paper-coloured means sketch" for the CLIP (not fully for the guides: docs/demo-and-testbed.md)."""
     paper = torch.tensor(toyfaces.PAPER_RGB, dtype=x.dtype).view(1, 3, 1, 1) / 127.5 - 1  # [1, 3, 1, 1]
     grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)  # [B, 3, H, W]
     kind = torch.from_numpy(rng.integers(3, size=len(x))).view(-1, 1, 1, 1)  # [B, 1, 1, 1]

@@ -48,7 +48,7 @@ def test_vocab_tokenizes_the_captions_without_byte_fallbacks():
 
 
 def test_toyclip_ranks_the_right_style_prompt_first(towers):
-    """Most of eight held-out renders per style (its held-out zero-shot accuracy, README demo table, is 0.9 or more in every style)."""
+    """Most of eight held-out renders per style (its held-out zero-shot accuracy, docs/demo-and-testbed.md demo table, is 0.9 or more in every style)."""
     vision, text = towers
     seeds = range(toyclip.EVAL_SEED_START, toyclip.EVAL_SEED_START + 8)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Held-out toy "photos" for `evaluate.py invert / translate / edit`, and the README's pictures made from them.
+"""Held-out toy "photos" for `evaluate.py invert / translate / edit`, and the pictures of docs/evaluation.md made from them.
 
     python -m demo.photos                       write demo/photos/00.png .. 05.png (32 px source-style renders)
     python -m demo.photos --pictures RUN [RUN ...]
@@ -63,7 +63,7 @@ def make_pictures(runs, steps, random_weights):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="the demo's held-out photos and the README's translate / edit pictures")
+    parser = argparse.ArgumentParser(description="the demo's held-out photos and the translate / edit pictures")
     parser.add_argument("--pictures", nargs="+", metavar="RUN", help="run folders of demo runs (e.g. runs/cdc-demo runs/c3-demo)")
     parser.add_argument("--steps", type=int, default=500, help="inversion steps for the pictures (default 500: the RSSA demo's)")
     parser.add_argument("--random-weights", action="store_true",
