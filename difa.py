@@ -18,15 +18,12 @@ Objective (paper Eq. 1-6, with the release's weights and schedule):
     L = sum_m c_m lambda_dir (L_global,m + lambda_partial L_local,m) + lambda_scc r(i) L_scc,
     r(i) = max(0, (i - S) / (iter - S))
 
-Differs from cdc.py:
-  - no discriminator (no adversarial loss, R1, path length or EMA: "g_ema" in the checkpoint is G_B itself,
-    as in the release); w = G_A.mapping(z), one w broadcast to all layers, no style mixing;
-  - the target is one reference image, read only through CLIP's own preprocessing (224 px, bicubic, centre
-    crop, convert("RGB"): alpha is dropped, not composited);
-  - G_B's mapping network and ToRGB layers stay frozen; the source checkpoint needs only g_ema;
-  - pretrained CLIP ViT-B/32, ViT-B/16 (pretrained.py's image tower reading OpenAI's files) and e4e (pretrained.py's
-    encoder reading e4e_ffhq_encode.pt) are loaded at start-up, and the CLIP mean of G_A samples is computed and cached;
-  - sample grids at truncation 0.5 toward one mean latent shared by both halves.
+Differs from cdc.py: no discriminator (no adversarial loss, R1, path length or EMA: "g_ema" in the checkpoint is G_B
+itself, as in the release); w = G_A.mapping(z), one w broadcast to all layers, no style mixing; the target is one
+reference image, read through CLIP's own preprocessing (pretrained.load_reference: alpha dropped, not composited);
+G_B's mapping and ToRGB layers stay frozen, the source needs only g_ema; CLIP ViT-B/32, ViT-B/16 and e4e
+(pretrained.py) are loaded at start-up, the CLIP mean of G_A samples computed and cached; sample grids at truncation
+0.5 toward one mean latent shared by both halves.
 
 Where this file departs from the public release (YBYBZhang/DiFa), defaults first:
   plain bugs fixed, no flag:  sampling passes do not push into the SCC queues; out-of-place token
@@ -42,34 +39,19 @@ Where this file departs from the public release (YBYBZhang/DiFa), defaults first
     references, so every token map it averages is the first image's; --ref-tokens all (fix) uses the union
     of all references' token sets.
 
-SCC follows the public release (criteria/psp_loss.py: two queues, dw = mean(Q_B) - mean(Q_A) over the
-same steps), not the DatasetGAN branch of the development fork (1170300521/StyleGAN-nada), which queues only
-G_B's codes and subtracts a fixed mu_A, the mean e4e code of G_A samples precomputed offline
-(ffhq_A_gen_w.npy); its paper scripts use S = 30, alpha 0.5 / 0.7 and lambda_scc 5. In the release mu_A
-and mu_B come from the same w, so which w the window happened to draw cancels in dw; in the branch it stays
-(the last S batches of G_B against a fixed mean).
+SCC follows the public release (criteria/psp_loss.py: two queues, dw = mean(Q_B) - mean(Q_A) over the same steps), not
+the DatasetGAN branch of the development fork (1170300521/StyleGAN-nada), which queues only G_B's codes and subtracts
+a fixed mu_A, the mean e4e code of G_A samples precomputed offline (ffhq_A_gen_w.npy); its paper scripts use S = 30,
+alpha 0.5 / 0.7 and lambda_scc 5. In the release mu_A and mu_B come from the same w, so which w the window happened to
+draw cancels in dw; in the branch it stays (the last S batches of G_B against a fixed mean).
 
 Zero-shot text target (--target-text T, --source-text S, in place of --target):
     t_k, s_k = unit CLIP text embeddings of NADA's template k filled with T and with S (NADA_TEMPLATES, 79)
     d_m      = normalize(mean_k t_k - mean_k s_k)      (NADA's compute_text_direction; the means not re-normalised)
     L = sum_m c_m lambda_dir L_global,m + lambda_scc r(i) L_scc     (no L_local: there are no reference tokens)
-  The release has this mode (compute_text_direction with --source_type source gives this d; its default
-  --source_type mean subtracts mu_m from each t_k instead); it skips L_local the same way (no reference keys).
-  The text tower is read from the same OpenAI file as the image tower m, the BPE vocabulary from --clip-vocab.
-
-StyleGAN-NADA baseline (--baseline nada; Gal et al., SIGGRAPH 2022, rinongal/StyleGAN-nada):
-    L = sum_m c_m lambda_dir L_global,m    (no L_local, no L_scc, no e4e), d_m from the text prompts as above,
-      or from images: d_m = normalize(mean_r E_m(I_r) - mean_j E_m(G_A(z_j))), j < img2img_batch (unit
-      embeddings, neither mean re-normalised: NADA's compute_img2img_direction)
-  Adaptive layer selection, every iteration (NADA's determine_opt_layers):
-    w+_0 = G_A.mapping(z) repeated over the L W+ layers, z: auto_layer_batch fresh samples
-    w+   = auto_layer_iters steps of SGD (lr 0.01) on L_sel(w+) = sum_m c_m mean_b 1 - cos(E_m(G_B(w+)), t_m)
-           (t_m: unit embedding of the raw target text, no template, as NADA; for an image target the
-            re-normalised mean reference embedding, as the release's global_clip_loss with a target image)
-    train only the auto_layer_k layers of largest mean_{b,d} |w+ - w+_0|, W+ index l -> NADA's list
-    [conv1, to_rgb1, convs[0], convs[1], ...] (which is one off from the layer that reads w+_l; kept);
-    the other layers get zero gradients (torch 1.7's zero_grad, as in the release: with Adam's beta1 = 0
-    they do not move, their second moments decay). --auto-layer-iters 0: no selection, DiFa's trained set.
+  The release has this mode (compute_text_direction with --source_type source; its default --source_type mean
+  subtracts mu_m from each t_k instead). Text tower m from image tower m's OpenAI file, BPE vocabulary from --clip-vocab.
+  StyleGAN-NADA (--baseline nada, DiFa's baseline) is nada.py, on this file's pure functions and start-up.
 """
 
 import argparse
@@ -84,42 +66,33 @@ import torch.nn.functional as F
 import common
 import runtime
 from common import UserError
-# the pretrained networks live in pretrained.py; every name difa.py used to define stays importable from difa
-from pretrained import (CLIP_MEAN, CLIP_STD, CLIP_URLS, E4E, E4E_FILE, E4E_SOURCE, BottleneckIRSE, EqualLinear,  # noqa: F401
-                        QuickGELU, ResidualBlock, SelfAttention, SEModule, StyleHead, Transformer, VisionTower, clip_input,
-                        default_clip_path, default_e4e_path, e4e_config, e4e_input, load_e4e, load_text_tower, load_vision_tower,
-                        read_clip_state_dict, resolve_clip_file, tokenize, vision_config, vocab_size)
+from pretrained import (E4E_FILE, clip_input, default_e4e_path, e4e_input, load_e4e, load_reference, load_text_tower,
+                        load_vision_tower, resolve_clip_file, tokenize, vocab_size)
 from checkpoints import load_checkpoint
 
 MEAN_LATENT_SAMPLES = 4096  # z samples for the truncation centre (release: mean_latent(4096))
-AUTO_LAYER_LR = 0.01  # SGD step of NADA's W+ optimisation in determine_opt_layers (hard-coded there)
 # NADA's text templates: imagenet_templates of rinongal/StyleGAN-nada ZSSGAN/utils/text_templates.py (CLIP's ImageNet
 # prompts), the ones its compute_text_direction fills with the source and target texts (and DiFa's release with them;
 # NADA's part_templates serve only its patch loss, lambda_patch 0, not used)
 NADA_TEMPLATES = (
-    "a bad photo of a {}.", "a sculpture of a {}.", "a photo of the hard to see {}.", "a low resolution photo of the {}.",
-    "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.",
-    "the embroidered {}.", "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.",
-    "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
-    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
-    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
-    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
-    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
-    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
-    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.",
-    "art of the {}.", "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.",
-    "the plushie {}.", "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.",
-    "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+    "a bad photo of a {}.", "a sculpture of a {}.", "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.",
+    "the plastic {}.", "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.", "a plastic {}.",
+    "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
+    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.", "the toy {}.",
+    "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.",
+    "the plushie {}.", "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
 )
-# options of one mode only: DiFa's (refused with --baseline nada) and NADA's (refused without it)
+# DiFa's options, refused with --baseline nada (NADA's, nada.OPTIONS, are refused without it)
 DIFA_ONLY = ("lambda_partial", "clip_layer", "ref_tokens", "clip_mean_samples", "e4e", "psp_model_weight", "num_keep_first",
              "psp_alpha", "sliding_window_size", "e4e_bn")
-NADA_ONLY = ("auto_layer_k", "auto_layer_iters", "auto_layer_batch", "img2img_batch")
 
 
 def text_slug(text):
@@ -128,15 +101,16 @@ def text_slug(text):
 
 
 def parse_args(argv=None):
+    import nada  # here, not at the top: nada.py imports this file
     # --baseline picks the defaults that differ between the two READMEs (checkpoint cadence, sample truncation)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--baseline", default=None)
-    nada = pre.parse_known_args(argv)[0].baseline == "nada"
-    origin = "StyleGAN-NADA README command" if nada else "official README command"
+    nada_run = pre.parse_known_args(argv)[0].baseline == "nada"
+    origin = "StyleGAN-NADA README command" if nada_run else "official README command"
     parser = argparse.ArgumentParser(description="DiFa one-shot adaptation (Zhang et al., NeurIPS 2022), or the StyleGAN-NADA "
                                                  "baseline (Gal et al., SIGGRAPH 2022) with --baseline nada")
     runtime.add_common_args(parser, origin=origin, iter=301, batch=2, lr=0.002, seed=2,  # the same in both READMEs (NADA: seed 2 in train.py)
-                           sample_every=50, save_every=150 if nada else 300, n_sample=4)
+                           sample_every=50, save_every=150 if nada_run else 300, n_sample=4)
     parser.add_argument("--baseline", choices=["nada"], default=None,
                         help="nada: StyleGAN-NADA instead of DiFa: the directional CLIP loss only, with its adaptive layer selection "
                              "(`--baseline nada --help` lists NADA's defaults)")
@@ -179,21 +153,12 @@ def parse_args(argv=None):
                         help="eval: frozen running statistics (fix, default); train: batch statistics per call and drifting running stats (release)")
     parser.add_argument("--no-antialias", action="store_true",
                         help="resize generated images to CLIP's 224 and e4e's 256 without antialiasing, as the release's tensor Resize (default: antialiased)")
-    # METHOD: StyleGAN-NADA (--baseline nada): adaptive layer selection and the image direction's source mean
-    parser.add_argument("--auto-layer-k", type=int, default=None,
-                        help="k, W+ layers trained each iteration (default: all L of the generator, as NADA README's --auto_layer_k 18 "
-                             "for its 1024 px generator, L = 18)")
-    parser.add_argument("--auto-layer-iters", type=int, default=1,
-                        help="SGD steps of the W+ optimisation that ranks the layers (default 1: NADA README and code; 0: no selection, "
-                             "input, conv1 and convs train, NADA's phase None)")
-    parser.add_argument("--auto-layer-batch", type=int, default=8, help="W+ codes of that optimisation (default 8: NADA README and code)")
-    parser.add_argument("--img2img-batch", type=int, default=16,
-                        help="G_A samples whose mean CLIP embedding is the source of an image target's direction (default 16: NADA code)")
+    nada.add_arguments(parser)  # StyleGAN-NADA's own options
     # SHARED: generator, optimiser, samples
     parser.add_argument("--g-reg-every", type=int, default=4,
                         help="lazy-regularisation scaling of Adam kept from StyleGAN2 (lr 0.0016, betas (0, 0.992)) though no regulariser runs (default 4: official)")
-    parser.add_argument("--sample-truncation", type=float, default=0.7 if nada else 0.5,
-                        help="truncation psi of the sample grids (default " + ("0.7: NADA's train_options" if nada else "0.5: official train.py") + ")")
+    parser.add_argument("--sample-truncation", type=float, default=0.7 if nada_run else 0.5,
+                        help="truncation psi of the sample grids (default " + ("0.7: NADA's train_options" if nada_run else "0.5: official train.py") + ")")
     first = parser.parse_args(argv)
     if first.target_text is not None:
         if first.target is not None:
@@ -223,7 +188,7 @@ def parse_args(argv=None):
         raise UserError(f"--psp-alpha must be in (0, 1], got {args.psp_alpha}")
     if args.resume is None:
         given = runtime.explicit_options(parser, argv)
-        wrong = [name for name in (DIFA_ONLY if args.baseline == "nada" else NADA_ONLY) if name in given]
+        wrong = [name for name in (DIFA_ONLY if args.baseline == "nada" else nada.OPTIONS) if name in given]
         if wrong:
             option = "--" + wrong[0].replace("_", "-")
             raise UserError(f"{option} is a DiFa option, unused by --baseline nada" if args.baseline == "nada"
@@ -234,41 +199,12 @@ def parse_args(argv=None):
             raise UserError("--prompt-template goes with --target-text")
     if args.prompt_template is not None and args.prompt_template.count("{}") != 1:
         raise UserError(f"--prompt-template needs exactly one {{}} where the text goes, got {args.prompt_template!r}")
-    if args.auto_layer_k is not None and args.auto_layer_k < 1:
-        raise UserError(f"--auto-layer-k must be at least 1, got {args.auto_layer_k}")
-    if args.auto_layer_iters < 0 or args.auto_layer_batch < 1 or args.img2img_batch < 1:
-        raise UserError("--auto-layer-iters must be >= 0; --auto-layer-batch and --img2img-batch >= 1")
+    nada.check_args(args)
     if args.target_text is not None:
         if not args.target_text.strip() or not args.source_text.strip():
             raise UserError("--target-text and --source-text must not be empty")
         args.target = text_slug(args.target_text)  # names the run folder; no image is read
     return runtime.finish_args(args)
-
-
-# ------------------------------------------------------------------------------------------------
-# METHOD: preprocessing
-
-
-def load_reference(path, resolution):
-    """CLIP's own PIL preprocessing of a reference (clip.load's transform) -> [1, 3, resolution, resolution]:
-    shorter side to `resolution` (PIL bicubic, antialiased), centre crop, convert("RGB"), normalisation.
-
-    As in CLIP, alpha is dropped, not composited: transparent pixels keep their stored colour when the image
-    needs no resize, and come out black when it is resized (PIL resamples RGBA as premultiplied colour).
-    """
-    from PIL import Image
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = TF.center_crop(TF.resize(opened, resolution, interpolation=InterpolationMode.BICUBIC), resolution)
-            x = TF.to_tensor(image.convert("RGB"))[None]  # [1, 3, R, R] in [0, 1], alpha dropped
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"cannot read image {path}: {reason}") from None
-    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,53 +226,6 @@ def text_direction(target_emb, source_emb):
     re-normalised before the difference (NADA normalises each template's embedding, then averages)."""
     # d = normalize(mean_k t_k - mean_k s_k)
     return F.normalize((target_emb - source_emb).mean(0), dim=-1, eps=1e-8)  # [D]
-
-
-def nada_image_direction(ref_emb, source_emb):
-    """d = normalize(mean_r normalize(e_r) - mean_j e_j), NADA's compute_img2img_direction: ref_emb [n, D] raw reference
-    embeddings, source_emb [D] the mean unit embedding of img2img_batch G_A samples -> [D]. Unlike
-    reference_direction (DiFa's release) the mean reference is not re-normalised; the same for one reference."""
-    # d = normalize(mean_r e_r / |e_r| - mu_16)
-    return F.normalize(F.normalize(ref_emb, dim=-1).mean(0) - source_emb, dim=-1, eps=1e-8)  # [D]
-
-
-def clip_similarity_loss(emb, target):
-    """NADA's global_clip_loss, 1 - logits / 100 = mean_b 1 - cos(E(x_b), t) (OpenAI's logit scale is 100);
-    emb [B, D] unit image embeddings, target [D] a unit text (or reference) embedding."""
-    # L_sel = mean_b 1 - <E(x_b), t>
-    return (1 - emb @ target).mean()
-
-
-def layer_movement(w_init, w_moved):
-    """m_l = mean_{b,d} |w+_bld - w+_0,bld|, NADA's layer_weights; W+ codes [B, L, D] -> [L]."""
-    # m_l = mean_b mean_d |w+ - w+_0|
-    return (w_moved - w_init).abs().mean(-1).mean(0)  # [L]
-
-
-def optimise_wplus(w_init, loss_fn, steps, lr):
-    """`steps` of plain SGD (NADA: torch.optim.SGD, lr 0.01, no momentum) on a copy of the W+ codes w_init [B, L, D]
-    against loss_fn(w+) -> (w+ [B, L, D] detached, the last loss value or None). Gradients reach w+ only."""
-    w = w_init.detach().clone().requires_grad_(True)
-    loss = None
-    for _ in range(steps):
-        loss = loss_fn(w)
-        (grad,) = torch.autograd.grad(loss, [w])
-        with torch.no_grad():
-            # w+ <- w+ - lr dL_sel/dw+
-            w.sub_(lr * grad)
-    return w.detach(), None if loss is None else loss.detach()
-
-
-def select_layers(w_init, loss_fn, steps, lr, k):
-    """NADA's determine_opt_layers on given codes: the indices of the k W+ layers that move most under the W+
-    optimisation, largest first, and its last loss."""
-    w_moved, loss = optimise_wplus(w_init, loss_fn, steps, lr)
-    return torch.topk(layer_movement(w_init, w_moved), k).indices.tolist(), loss
-
-
-def nada_layers(g):
-    """NADA's idx_to_layer: W+ index l -> module, [conv1, to_rgb1, convs[0], ..., convs[-1]] (L entries)."""
-    return [g.conv1, g.to_rgb1, *g.convs]
 
 
 def reference_tokens(tokens, mode):
@@ -450,87 +339,61 @@ def prompt_embeddings(text_tower, text, vocab, templates=NADA_TEMPLATES):
     return F.normalize(text_tower(ids.long().to(text_tower.positional_embedding.device)), dim=-1)  # [T, D]
 
 
-def main(argv=None):
-    args = parse_args(argv)
+# ------------------------------------------------------------------------------------------------
+# Training (the start-up, sample grids and checkpoints shared with nada.py)
+
+
+def load_generators(args):
+    """(device, G_A frozen, G_B: a frozen copy in train mode, the source checkpoint), after seeding."""
     device = runtime.init_device(args.device, args.precision)
     runtime.seed_everything(args.seed)
-    nada, text = args.baseline == "nada", args.target_text is not None
-    select = nada and args.auto_layer_iters > 0  # NADA's adaptive layer selection
-
-    # SHARED: source checkpoint (only g_ema), reference, run folder
     models, source_ckpt = load_checkpoint(args.source, require=("g_ema",), device=device)
     g_source = models["g_ema"]  # G_A, frozen
     common.requires_grad(g_source, False)
-    generator = copy.deepcopy(g_source).train()  # G_B
-    common.requires_grad(generator, False)
-    latent_dim, n_latent = generator.style_dim, generator.n_latent
-    # METHOD: the trained set: DiFa's (and NADA's phase None), or NADA's candidate layers, chosen anew each iteration
-    layers = nada_layers(generator)
-    params = [p for layer in layers for p in layer.parameters()] if select else trainable_generator_parameters(generator)
-    for p in params:
-        p.requires_grad_(True)
-    k_layers = n_latent if args.auto_layer_k is None else args.auto_layer_k
-    if select and k_layers > n_latent:
-        raise UserError(f"--auto-layer-k {k_layers} exceeds the generator's {n_latent} W+ layers")
-    references = None if text else common.list_images(args.target)
-    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
+    generator = copy.deepcopy(g_source).train()  # G_B, frozen too until the caller picks what trains
+    return device, g_source, generator, source_ckpt
 
-    # METHOD: CLIP towers; the reference embeddings and tokens, or the text prompts' embeddings
-    antialias = not args.no_antialias
-    local = not nada and not text and args.lambda_partial != 0  # L_local needs reference tokens
+
+def load_clip(args, device, local):
+    """(CLIP image towers m, the raw embeddings [n, D] of the --target images and their block tokens T_ref (local),
+    or the text directions d_m and text towers of --target-text) for each m."""
     clip_files = [resolve_clip_file(name, path) for name, path in zip(args.clip_models, args.clip_paths)]
-    towers = []
+    towers, ref_emb, ref_tokens, directions, text_towers = [], [], [], [], []
     for name, path in zip(args.clip_models, clip_files):
         tower = load_vision_tower(path).to(device)
         if local and args.clip_layer >= tower.depth:
             raise UserError(f"--clip-layer {args.clip_layer}: {name} has only {tower.depth} blocks")
         towers.append(tower)
-    ref_emb, ref_tokens, text_directions, select_targets = [], [], [], []
-    if text:
+    if args.target_text is not None:
         for name, path, tower in zip(args.clip_models, clip_files, towers):
             text_tower = load_text_tower(path).to(device)
             n_vocab, embed_dim = vocab_size(args.clip_vocab), text_tower.text_projection.shape[1]
             if n_vocab != text_tower.token_embedding.num_embeddings or embed_dim != tower.proj.shape[1]:
                 raise UserError(f"{name}: the text tower of {path} ({text_tower.token_embedding.num_embeddings} tokens, {embed_dim}-d) does "
                                 f"not fit the BPE vocabulary ({n_vocab} tokens) or the image tower ({tower.proj.shape[1]}-d)")
-            templates, bare = ((args.prompt_template,),) * 2 if args.prompt_template else (NADA_TEMPLATES, ("{}",))
+            templates = (args.prompt_template,) if args.prompt_template else NADA_TEMPLATES
             # d_m = normalize(mean_k t_k - mean_k s_k) over the templates k (NADA's, or --prompt-template)
-            text_directions.append(text_direction(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, templates),
-                                                  prompt_embeddings(text_tower, args.source_text, args.clip_vocab, templates)))
-            if select:  # t_m = the unit embedding of the raw text, [D]
-                select_targets.append(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, bare)[0])
-    else:
-        with torch.no_grad():
-            for tower in towers:
-                x = torch.cat([load_reference(p, tower.resolution) for p in references]).to(device)
-                emb, tokens = tower(x, return_layers=(args.clip_layer,) if local else ())
-                ref_emb.append(emb)  # [n, D]
-                if local:
-                    ref_tokens.append(reference_tokens(tokens[args.clip_layer], args.ref_tokens))  # [N, W] or [n N, W]
-                if select:  # t_m = normalize(mean_r normalize(e_r)), the release's target_image, [D]
-                    select_targets.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
-    encoder = None
-    if not nada and args.psp_model_weight > 0:
-        encoder = load_e4e(args.e4e).to(device)
-        if args.e4e_bn == "train":
-            encoder.train()  # release: BatchNorm on batch statistics
-        if encoder.latent_avg.shape[0] < args.num_keep_first or encoder.latent_avg.shape[1] != latent_dim:
-            raise UserError(f"e4e codes are {tuple(encoder.latent_avg.shape)} but the generator has {n_latent} x {latent_dim} "
-                            f"and --num-keep-first {args.num_keep_first}")
-    if not nada and args.num_keep_first > n_latent:
-        raise UserError(f"--num-keep-first {args.num_keep_first} exceeds the generator's {n_latent} W+ layers")
+            directions.append(text_direction(prompt_embeddings(text_tower, args.target_text, args.clip_vocab, templates),
+                                             prompt_embeddings(text_tower, args.source_text, args.clip_vocab, templates)))
+            text_towers.append(text_tower)
+        return towers, ref_emb, ref_tokens, directions, text_towers
+    references = common.list_images(args.target)
+    with torch.no_grad():
+        for tower in towers:
+            x = torch.cat([load_reference(p, tower.resolution) for p in references]).to(device)
+            emb, tokens = tower(x, return_layers=(args.clip_layer,) if local else ())
+            ref_emb.append(emb)  # [n, D]
+            if local:
+                ref_tokens.append(reference_tokens(tokens[args.clip_layer], args.ref_tokens))  # [N, W] or [n N, W]
+    return towers, ref_emb, ref_tokens, directions, text_towers
 
-    # SHARED: --precision bf16 autocasts the generators
-    runtime.autocast_forwards(args.precision, g_source, generator)
 
-    g_optim = common.make_adam(params, args.lr, args.g_reg_every)
-    queues = CodeQueues(args.sliding_window_size)
-    sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
+def start(args, run, g_source, generator, g_optim, queues, device):
+    """(the --resume checkpoint or None, the grids' sample_z [S, D], mean_latent [1, D]); on resume G_B, Adam, queues, RNG loaded."""
+    sample_z = torch.randn(args.n_sample, generator.style_dim, device=device)  # [S, D]
     with torch.no_grad():
         mean_latent = g_source.mean_latent(MEAN_LATENT_SAMPLES)  # [1, D], shared by both grid halves
-    # SHARED: under torchrun the gradients averaged in the optimiser's step(); nothing in one process
-    runtime.distribute(None, [g_optim])
-
+    runtime.distribute(None, [g_optim])  # under torchrun the optimiser's step() averages the gradients
     state = run.resume_state()
     if state is not None:
         if "queues" not in state or "g_optim" not in state:
@@ -542,18 +405,69 @@ def main(argv=None):
             raise UserError(f"the resume checkpoint does not match this run's models ({str(error).splitlines()[0][:200]})") from None
         queues.load_state_dict(state["queues"], device)
         sample_z, mean_latent = state["sample_z"].to(device), state["mean_latent"].to(device)
-        if encoder is not None and "e4e_buffers" in state:
-            encoder.load_state_dict({**encoder.state_dict(), **state["e4e_buffers"]})
+        runtime.set_rng_state(state["rng"])
+        run.start = int(state["iter"])
+    return state, sample_z, mean_latent
 
-    # METHOD: the directions d_m: from the texts; NADA's from images (mean of img2img_batch G_A samples); DiFa's
-    # from images with mu_m (from the checkpoint on resume, else the cache or computed)
+
+def sample_writer(args, run, g_source, generator, sample_z, mean_latent):
+    """write_samples(i) for run.iterations: G_A's half of the grids once, one fixed noise for both halves."""
+    fixed_noise = [getattr(g_source.noises, f"noise_{k}") for k in range(g_source.num_layers)]
+    with torch.no_grad():
+        source_samples = g_source([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0].cpu()
+
+    def write_samples(i):
+        with torch.no_grad():  # no losses, no queue pushes
+            adapted = generator([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0]
+        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+    return write_samples
+
+
+def checkpoint_state(args, source_ckpt, generator, g_optim, i_next, queues, sample_z, mean_latent, **extra):
+    """The checkpoint: rosinality-shaped, g_ema = G_B itself (no EMA, as the release); `extra` after the source's d."""
+    kept = {key: source_ckpt[key] for key in ("d", "extra_config") if key in source_ckpt}
+    return {"g": generator.state_dict(), "g_ema": generator.state_dict(), **kept, **extra,
+            "g_optim": g_optim.state_dict(), "args": runtime.args_to_dict(args), "run_args": args.run_args, "iter": i_next,
+            "rng": runtime.get_rng_state(), "queues": queues.state_dict(), "sample_z": sample_z, "mean_latent": mean_latent}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.baseline == "nada":
+        import nada  # here, not at the top: nada.py imports this file
+        return nada.train(args)
+    device, g_source, generator, source_ckpt = load_generators(args)
+    text, latent_dim, n_latent = args.target_text is not None, generator.style_dim, generator.n_latent
+    params = trainable_generator_parameters(generator)
+    for p in params:
+        p.requires_grad_(True)
+    run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
+
+    # METHOD: CLIP towers; the reference embeddings and tokens, or the text directions; e4e
+    antialias, local = not args.no_antialias, not text and args.lambda_partial != 0  # local: L_local, on reference tokens
+    towers, ref_emb, ref_tokens, directions, _ = load_clip(args, device, local)
+    encoder = None
+    if args.psp_model_weight > 0:
+        encoder = load_e4e(args.e4e).to(device)
+        if args.e4e_bn == "train":
+            encoder.train()  # release: BatchNorm on batch statistics
+        if encoder.latent_avg.shape[0] < args.num_keep_first or encoder.latent_avg.shape[1] != latent_dim:
+            raise UserError(f"e4e codes are {tuple(encoder.latent_avg.shape)} but the generator has {n_latent} x {latent_dim} "
+                            f"and --num-keep-first {args.num_keep_first}")
+    if args.num_keep_first > n_latent:
+        raise UserError(f"--num-keep-first {args.num_keep_first} exceeds the generator's {n_latent} W+ layers")
+
+    # SHARED: --precision bf16 autocasts the generators; optimiser, sample latents, --resume
+    runtime.autocast_forwards(args.precision, g_source, generator)
+    g_optim = common.make_adam(params, args.lr, args.g_reg_every)
+    queues = CodeQueues(args.sliding_window_size)
+    state, sample_z, mean_latent = start(args, run, g_source, generator, g_optim, queues, device)
+    if encoder is not None and state is not None and "e4e_buffers" in state:
+        encoder.load_state_dict({**encoder.state_dict(), **state["e4e_buffers"]})
+
+    # METHOD: an image target's directions d_m, with mu_m from the checkpoint on resume, else the cache or computed
     mus = None
-    if text:
-        directions = text_directions
-    elif nada:
-        directions = [nada_image_direction(e, clip_source_mean(g_source, t, args.img2img_batch, args.clip_mean_batch, antialias, args.seed + 1))
-                      for e, t in zip(ref_emb, towers)]
-    else:
+    if not text:
         cache_path = os.path.join(run.root, "clip_source_mean.pt")
         key = {"source": os.path.abspath(args.source), "models": ",".join(args.clip_models), "n": args.clip_mean_samples,
                "antialias": antialias, "seed": args.seed, "clip_files": ",".join(map(str, args.clip_paths))}
@@ -571,60 +485,26 @@ def main(argv=None):
                 mus = [clip_source_mean(g_source, t, args.clip_mean_samples, args.clip_mean_batch, antialias, args.seed + 1) for t in towers]
                 runtime.save_checkpoint(cache_path, {"key": key, "mu": [m.cpu() for m in mus]})
         directions = [reference_direction(e, m) for e, m in zip(ref_emb, mus)]  # d_m, each [D]
-    if state is not None:
-        runtime.set_rng_state(state["rng"])
-        run.start = int(state["iter"])
-
-    # SHARED: the source half of the sample grids, one fixed noise for both halves
-    fixed_noise = [getattr(g_source.noises, f"noise_{k}") for k in range(g_source.num_layers)]
-    with torch.no_grad():
-        source_samples = g_source([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0].cpu()
+    write_samples = sample_writer(args, run, g_source, generator, sample_z, mean_latent)
 
     def checkpoint(i_next):
-        extra = {key: source_ckpt[key] for key in ("d", "extra_config") if key in source_ckpt}
+        extra = {}
         if encoder is not None and args.e4e_bn == "train":
             extra["e4e_buffers"] = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k or "num_batches" in k}
         if mus is not None:
             extra["clip_source_mean"] = [m.cpu() for m in mus]
-        return {
-            "g": generator.state_dict(), "g_ema": generator.state_dict(), **extra,  # no EMA: g_ema is G_B, as the release
-            "g_optim": g_optim.state_dict(), "args": runtime.args_to_dict(args), "run_args": args.run_args, "iter": i_next,
-            "rng": runtime.get_rng_state(),
-            "queues": queues.state_dict(), "sample_z": sample_z, "mean_latent": mean_latent,
-        }
-
-    def write_samples(i):
-        with torch.no_grad():  # no losses, no queue pushes
-            adapted = generator([sample_z], truncation=args.sample_truncation, truncation_latent=mean_latent, noise=fixed_noise)[0]
-        runtime.save_comparison_grid(run.sample_path(i), source_samples, adapted)
+        return checkpoint_state(args, source_ckpt, generator, g_optim, i_next, queues, sample_z, mean_latent, **extra)
 
     def e4e_codes(x):
-        """The kept e4e codes [B, K] of the global batch from this process's rows x [B/N, 3, H, W]: each process
-        encodes its rows and the codes are gathered; with --e4e-bn train, whose BatchNorm pools the batch, the
-        images are gathered first and every process encodes the whole batch."""
+        """The kept e4e codes [B, K] of the global batch from this process's rows x [B/N, 3, H, W]: each process encodes
+        its rows, the codes gathered; with --e4e-bn train (BatchNorm pools the batch) every process encodes all images."""
         if args.e4e_bn == "train":
             return encoder(e4e_input(runtime.gather(x, args.batch), encoder.size, antialias))[:, :args.num_keep_first].flatten(1)
         return runtime.gather(encoder(e4e_input(x, encoder.size, antialias))[:, :args.num_keep_first].flatten(1), args.batch)
 
-    def selection_loss(w_plus):
-        """L_sel(w+) = sum_m c_m mean_b 1 - cos(E_m(G_B(w+)), t_m), w+ [B, L, D] (random noise, truncation 1)."""
-        x, _ = generator([w_plus], input_is_latent=True)
-        return sum(c * clip_similarity_loss(F.normalize(t(clip_input(x, t.resolution, antialias))[0], dim=-1), target)
-                   for t, c, target in zip(towers, args.clip_model_weights, select_targets))
-
     for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
         # METHOD: one w per sample, the same w for both generators, independent noise
-        z = torch.randn(args.batch, latent_dim, device=device)  # drawn before NADA's selection codes, as its train.py
-        losses = {}
-        if select:
-            # METHOD: NADA's layer selection on fresh codes w+_0 [B_sel, L, D], then only those layers train
-            with torch.no_grad():
-                w_init = g_source.get_latent(torch.randn(args.auto_layer_batch, latent_dim, device=device))
-            w_init = w_init.unsqueeze(1).repeat(1, n_latent, 1)  # [B_sel, L, D]
-            chosen, select_loss = select_layers(w_init, selection_loss, args.auto_layer_iters, AUTO_LAYER_LR, k_layers)
-            for index, layer in enumerate(layers):
-                layer.requires_grad_(index in chosen)
-            losses["select"] = select_loss.item()
+        z = torch.randn(args.batch, latent_dim, device=device)
         with torch.no_grad():
             w = g_source.get_latent(z)  # [B, D]
             x_a, _ = runtime.generate_rows(g_source, [w], input_is_latent=True)  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
@@ -641,10 +521,10 @@ def main(argv=None):
             clip_total = clip_total + weight * args.lambda_direction * (g_m + args.lambda_partial * l_m)
             global_loss, local_loss = global_loss + weight * g_m.detach(), local_loss + weight * l_m.detach()
 
-        # METHOD: selective cross-domain consistency (queues filled every step, ramped weight). The queues hold
-        # means over the batch: under torchrun the codes of the global batch, gathered (autograd flows back to each
-        # process's rows), so every process computes the single-process L_scc (runtime.py, 'Several processes'; in one process gather returns its input)
-        ramp = 0.0 if nada else scc_ramp(i, args.iter, args.sliding_window_size)
+        # METHOD: selective cross-domain consistency (queues filled every step, ramped weight). Under torchrun the queues hold
+        # the gathered global batch's codes (autograd flows back to each process's rows), so every process computes the
+        # single-process L_scc (runtime.py, 'Several processes'; in one process gather returns its input)
+        ramp = scc_ramp(i, args.iter, args.sliding_window_size)
         scc = torch.zeros((), device=device)
         if encoder is not None:
             with torch.no_grad():
@@ -653,22 +533,14 @@ def main(argv=None):
                 codes_b = e4e_codes(x_b)  # [B, K]
             queues.push(codes_a, codes_b)
             scc = scc_loss(codes_b, codes_a, scc_mask(queues.delta_w(), args.psp_alpha))
-        loss = clip_total if nada else clip_total + args.psp_model_weight * ramp * scc
+        loss = clip_total + args.psp_model_weight * ramp * scc
         g_optim.zero_grad(set_to_none=True)
         loss.backward()
-        if select:
-            for p in params:  # layers not chosen: zero gradients, no update (Adam's beta1 = 0), as the release
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
         g_optim.step()
 
         # SHARED: the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
-        losses = {"loss": loss.item(), "global": global_loss.item(), **losses}
-        if not (nada or text):
-            losses["local"] = local_loss.item()
-        if not nada:
-            losses.update(scc=scc.item(), scc_ramp=ramp)
-        run.end_iteration(i, losses)
+        logged = {"loss": loss.item(), "global": global_loss.item(), **({} if text else {"local": local_loss.item()})}
+        run.end_iteration(i, {**logged, "scc": scc.item(), "scc_ramp": ramp})
     path = run.finish()  # the last sample grids and checkpoint
     print(f"done: {path}")
     return path

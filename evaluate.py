@@ -571,11 +571,8 @@ def feature_network(args, device, command, inception=None):
 
 
 def pretrained_module():
-    """pretrained.py (the e4e encoder and its IR-SE blocks), or difa.py, which re-exports them, where it is absent."""
-    try:
-        import pretrained
-    except ImportError:
-        import difa as pretrained
+    """pretrained.py (the e4e encoder and its IR-SE blocks), imported when first needed."""
+    import pretrained
     return pretrained
 
 

@@ -7,6 +7,7 @@
     token_embedding.weight, positional_embedding, transformer.resblocks.*, ln_final.*, text_projection. The
     configuration is inferred from tensor shapes as OpenAI's clip.model.build_model does; both towers share
     the transformer blocks (ResidualBlock), the text tower's with a causal mask.
+    clip_input and load_reference: CLIP's preprocessing of generated images (tensors) and of image files.
   - CLIP's byte-level BPE tokenizer: tokenize() returns the ids of OpenAI's clip.tokenize, reading OpenAI's
     merges file bpe_simple_vocab_16e6.txt.gz (or a shorter file in the same format), written with the standard
     library only (no ftfy, no regex).
@@ -282,6 +283,28 @@ def clip_input(x, resolution, antialias=True):
     mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
     return ((x + 1) / 2 - mean) / std
+
+
+def load_reference(path, resolution):
+    """CLIP's own PIL preprocessing of an image file, e.g. DiFa's reference (clip.load's transform) -> [1, 3, R, R],
+    R = resolution: shorter side to R (PIL bicubic, antialiased), centre crop, convert("RGB"), normalisation.
+
+    As in CLIP, alpha is dropped, not composited: transparent pixels keep their stored colour when the image
+    needs no resize, and come out black when it is resized (PIL resamples RGBA as premultiplied colour).
+    """
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = TF.center_crop(TF.resize(opened, resolution, interpolation=InterpolationMode.BICUBIC), resolution)
+            x = TF.to_tensor(image.convert("RGB"))[None]  # [1, 3, R, R] in [0, 1], alpha dropped
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read image {path}: {reason}") from None
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ SCRIPT_RUNNER = r"""
 import json, os, runpy, sys, tempfile, traceback
 sys.path.insert(0, sys.argv[1])
 import torch
-import baselines, c3, cdc, difa, evaluate, progressive_asc, rssa  # noqa: E401,F401 (imported once, before the forks)
+import baselines, c3, cdc, difa, evaluate, nada, progressive_asc, rssa  # noqa: E401,F401 (imported once, before the forks)
 from checkpoints import load_checkpoint
 from stylegan2 import Discriminator, Generator
 with tempfile.TemporaryDirectory() as folder:  # reading a checkpoint imports ~800 more modules: here, not in every fork

@@ -14,6 +14,7 @@ from PIL import Image
 import common
 import runtime
 import difa
+import nada
 import pretrained
 from conftest import assert_cli_errors
 from checkpoints import load_checkpoint
@@ -43,7 +44,7 @@ class _ClipArchive(torch.nn.Module):
 
 def write_clip_state_dict(path, seed, jit=False, **config):
     torch.manual_seed(seed)
-    tower = difa.VisionTower(**{**TINY_CLIP, **config})
+    tower = pretrained.VisionTower(**{**TINY_CLIP, **config})
     if jit:
         warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)  # deprecation notices
         traced = torch.jit.trace(_ClipArchive(tower).eval(), torch.randn(1, 3, tower.resolution, tower.resolution))
@@ -57,7 +58,7 @@ def write_clip_state_dict(path, seed, jit=False, **config):
 
 def write_e4e(path, seed=0, n_styles=8, **config):
     torch.manual_seed(seed)
-    encoder = difa.E4E(**{**TINY_E4E, "n_styles": n_styles, **config})
+    encoder = pretrained.E4E(**{**TINY_E4E, "n_styles": n_styles, **config})
     for m in encoder.modules():  # non-trivial running statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -93,7 +94,7 @@ def weights(setup):
 
 
 def test_clip_tower_shapes_and_official_layout():
-    tower = difa.VisionTower(width=64, layers=4, patch=8, resolution=32, out_dim=16)
+    tower = pretrained.VisionTower(width=64, layers=4, patch=8, resolution=32, out_dim=16)
     emb, tokens = tower(torch.randn(3, 3, 32, 32), return_layers=(1, 3))
     assert emb.shape == (3, 16) and set(tokens) == {1, 3}
     assert tokens[3].shape == (3, 16, 64)  # N = (32 / 8)^2, CLS excluded
@@ -105,7 +106,7 @@ def test_clip_tower_shapes_and_official_layout():
     # real ViT-B/32 and B/16 shapes (meta device: no memory): 49 / 196 tokens of width 768, 512-d embedding
     for patch, n in ((32, 49), (16, 196)):
         with torch.device("meta"):
-            real = difa.VisionTower(patch=patch)
+            real = pretrained.VisionTower(patch=patch)
             emb, tokens = real(torch.empty(2, 3, 224, 224), return_layers=(3,))
         assert emb.shape == (2, 512) and tokens[3].shape == (2, n, 768)
         assert real.state_dict()["positional_embedding"].shape == (n + 1, 768)
@@ -113,7 +114,7 @@ def test_clip_tower_shapes_and_official_layout():
 
 
 def test_attention_matches_torch_multihead_attention():
-    tower = difa.VisionTower(width=64, layers=1, patch=8, resolution=16, out_dim=8)
+    tower = pretrained.VisionTower(width=64, layers=1, patch=8, resolution=16, out_dim=8)
     attn = tower.transformer.resblocks[0].attn
     ref = torch.nn.MultiheadAttention(64, 1, batch_first=True)
     assert attn.heads == 1
@@ -125,7 +126,7 @@ def test_attention_matches_torch_multihead_attention():
 def test_tower_matches_sequence_first_reference():
     """The whole tower against a direct sequence-first forward built from torch's own modules on the same
     visual.* state dict (the computation OpenAI's VisionTransformer runs), embedding and block tokens."""
-    tower = difa.VisionTower(width=64, layers=3, patch=8, resolution=32, out_dim=10).eval()
+    tower = pretrained.VisionTower(width=64, layers=3, patch=8, resolution=32, out_dim=10).eval()
     sd = tower.state_dict()
     x = torch.randn(2, 3, 32, 32)
 
@@ -154,8 +155,8 @@ def test_tower_matches_sequence_first_reference():
 @pytest.mark.parametrize("jit", [False, True])
 def test_clip_round_trip(tmp_path, jit):
     path, tower = write_clip_state_dict(tmp_path / "clip.pt", 4, jit=jit, layers=3)
-    loaded = difa.load_vision_tower(path)
-    assert difa.vision_config({k: v for k, v in tower.state_dict().items()}) == {**TINY_CLIP, "layers": 3}
+    loaded = pretrained.load_vision_tower(path)
+    assert pretrained.vision_config({k: v for k, v in tower.state_dict().items()}) == {**TINY_CLIP, "layers": 3}
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     x = torch.randn(2, 3, 32, 32)
     (e1, t1), (e2, t2) = tower.eval()(x, return_layers=(2,)), loaded(x, return_layers=(2,))
@@ -170,8 +171,8 @@ def test_e4e_shapes_round_trip_and_bn_modes(tmp_path):
             "body.1.shortcut_layer.0.weight", "body.1.shortcut_layer.1.bias", "styles.7.convs.4.weight",
             "styles.0.linear.weight", "latlayer1.bias", "latlayer2.weight"} <= keys
     assert "body.0.shortcut_layer.0.weight" not in keys  # equal widths: subsampling shortcut, no parameters
-    loaded = difa.load_e4e(path)
-    assert difa.e4e_config({k: v for k, v in encoder.state_dict().items() if k != "latent_avg"}) == TINY_E4E
+    loaded = pretrained.load_e4e(path)
+    assert pretrained.e4e_config({k: v for k, v in encoder.state_dict().items() if k != "latent_avg"}) == TINY_E4E
     x = torch.randn(2, 3, 32, 32)
     codes = loaded(x)
     assert codes.shape == (2, 8, 16)
@@ -183,10 +184,10 @@ def test_e4e_shapes_round_trip_and_bn_modes(tmp_path):
     assert not torch.equal(before, loaded.input_layer[1].running_mean)
     # real layout: IR-SE50 body taps at 6, 20, 23; 18 heads over 16^2 / 32^2 / 64^2
     with torch.device("meta"):
-        real = difa.E4E()
+        real = pretrained.E4E()
     assert real.taps[1:] == [6, 20, 23] and len(real.body) == 24 and len(real.styles) == 18
     assert len(real.styles[0].convs) == 8 and len(real.styles[3].convs) == 10 and len(real.styles[17].convs) == 12
-    assert difa.e4e_config(real.state_dict()) == dict(widths=(64, 128, 256, 512), units=(3, 4, 14, 3), style_dim=512,
+    assert pretrained.e4e_config(real.state_dict()) == dict(widths=(64, 128, 256, 512), units=(3, 4, 14, 3), style_dim=512,
                                                       n_styles=18, size=256, se_reduction=16)
 
 
@@ -279,8 +280,8 @@ def test_rgba_reference_follows_clip_preprocessing(tmp_path):
     pixels[:, 16:, 3] = 255
     same = tmp_path / "same.png"
     Image.fromarray(pixels, "RGBA").save(same)
-    mean, std = torch.tensor(difa.CLIP_MEAN).view(3, 1, 1), torch.tensor(difa.CLIP_STD).view(3, 1, 1)
-    x = difa.load_reference(str(same), 32)[0]  # already 32 px: no resize, stored colours kept
+    mean, std = torch.tensor(pretrained.CLIP_MEAN).view(3, 1, 1), torch.tensor(pretrained.CLIP_STD).view(3, 1, 1)
+    x = pretrained.load_reference(str(same), 32)[0]  # already 32 px: no resize, stored colours kept
     assert torch.allclose(x[:, :, :16], ((torch.from_numpy(colour).float() / 255).view(3, 1, 1) - mean) / std, atol=1e-6)
     assert (x[:, :, :16] < (1 - mean) / std - 0.5).any(dim=0).all()  # not white
     # a resize: the same pipeline as clip.load's transform, written out with torchvision
@@ -288,8 +289,8 @@ def test_rgba_reference_follows_clip_preprocessing(tmp_path):
     Image.fromarray(np.concatenate([pixels, pixels[:8]], 0), "RGBA").save(bigger)  # 40 x 32
     clip_transform = transforms.Compose([
         transforms.Resize(16, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(16),
-        lambda image: image.convert("RGB"), transforms.ToTensor(), transforms.Normalize(difa.CLIP_MEAN, difa.CLIP_STD)])
-    x = difa.load_reference(str(bigger), 16)[0]
+        lambda image: image.convert("RGB"), transforms.ToTensor(), transforms.Normalize(pretrained.CLIP_MEAN, pretrained.CLIP_STD)])
+    x = pretrained.load_reference(str(bigger), 16)[0]
     assert torch.allclose(x, clip_transform(Image.open(bigger)), atol=1e-6)
     assert (x - clip_transform(common.open_rgb(str(bigger)))).abs().max() > 1  # alpha on white would differ
 
@@ -339,13 +340,13 @@ def test_trainable_set_and_no_nan_at_step_zero(setup):
     for name, p in g_a.named_parameters():
         if name.endswith("noise.weight"):
             p.data.fill_(0.1)
-    tower = difa.VisionTower(**TINY_CLIP).eval()
+    tower = pretrained.VisionTower(**TINY_CLIP).eval()
     w = g_a.get_latent(torch.randn(2, 16))
     with torch.no_grad():
         x_a, _ = g_a([w], input_is_latent=True)
         x_b, _ = g_a([w], input_is_latent=True)
-        ea = F.normalize(tower(difa.clip_input(x_a, 32))[0], dim=-1)
-        eb = F.normalize(tower(difa.clip_input(x_b, 32))[0], dim=-1)
+        ea = F.normalize(tower(pretrained.clip_input(x_a, 32))[0], dim=-1)
+        eb = F.normalize(tower(pretrained.clip_input(x_b, 32))[0], dim=-1)
     loss = difa.global_clip_loss(eb, ea, F.normalize(torch.randn(12), dim=0))
     assert torch.isfinite(loss) and (eb - ea).abs().max() > 0
 
@@ -432,9 +433,9 @@ def test_several_references_wiring(setup, weights, monkeypatch):
 
     monkeypatch.setattr(difa, "attentive_style_loss", spy_loss)
     monkeypatch.setattr(difa, "reference_direction", spy_direction)
-    tower = difa.load_vision_tower(clip32)
+    tower = pretrained.load_vision_tower(clip32)
     with torch.no_grad():
-        emb, tokens = tower(torch.cat([difa.load_reference(p, 32) for p in references]), return_layers=(1,))
+        emb, tokens = tower(torch.cat([pretrained.load_reference(p, 32) for p in references]), return_layers=(1,))
     for mode, expected in (("first", tokens[1][0]), ("all", tokens[1].reshape(-1, tokens[1].shape[-1]))):
         run_difa(setup, {**weights, "reference": str(folder)}, root / f"refs_{mode}", "--iter", "1", "--ref-tokens", mode,
                  "--psp-model-weight", "0", "--clip-models", "ViT-B/32", "--clip-weights", clip32, "--clip-model-weights", "1")
@@ -451,15 +452,15 @@ def test_missing_default_weights_messages(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "default_e4e_path", lambda: str(tmp_path / "e4e_ffhq_encode.pt"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(common.UserError) as error:
-        difa.resolve_clip_file("ViT-B/16", None)
+        pretrained.resolve_clip_file("ViT-B/16", None)
     message = str(error.value)
-    assert "ViT-B-16.pt" in message and difa.CLIP_URLS["ViT-B/16"] in message and "could not be downloaded" in message
+    assert "ViT-B-16.pt" in message and pretrained.CLIP_URLS["ViT-B/16"] in message and "could not be downloaded" in message
     (tmp_path / "ViT-B-32.pt").write_bytes(b"cached")
-    assert difa.resolve_clip_file("ViT-B/32", None) == str(tmp_path / "ViT-B-32.pt")  # the cache is used as is
+    assert pretrained.resolve_clip_file("ViT-B/32", None) == str(tmp_path / "ViT-B-32.pt")  # the cache is used as is
     with pytest.raises(common.UserError) as error:
-        difa.load_e4e(None)
+        pretrained.load_e4e(None)
     assert "e4e_ffhq_encode.pt" in str(error.value) and str(tmp_path) in str(error.value) and "\n" not in str(error.value)
-    assert difa.CLIP_URLS["ViT-B/32"].split("/")[-2].startswith("40d36571")  # sha256 of OpenAI's file
+    assert pretrained.CLIP_URLS["ViT-B/32"].split("/")[-2].startswith("40d36571")  # sha256 of OpenAI's file
 
 
 def test_bad_input_one_line_errors(setup, weights, tmp_path):
@@ -494,7 +495,7 @@ TINY_MERGES = ["p h", "o t", "ph ot", "phot o</w>", "s k", "e t", "sk et", "sket
 def write_clip_with_text(path, seed, vocab, **config):
     """A tiny CLIP file in OpenAI's plain state-dict layout with both towers (visual.* and the text keys)."""
     torch.manual_seed(seed)
-    vision = difa.VisionTower(**{**TINY_CLIP, **config})
+    vision = pretrained.VisionTower(**{**TINY_CLIP, **config})
     text = pretrained.TextTower(vocab_size=pretrained.vocab_size(vocab), context_length=77, width=32, layers=1,
                                 embed_dim=vision.proj.shape[1])
     state = {"visual." + k: v for k, v in vision.state_dict().items()}
@@ -540,9 +541,10 @@ def test_text_direction_matches_direct_computation(text_weights):
     # NADA's image direction: the mean reference is not re-normalised (DiFa's is); equal for one reference
     g = torch.Generator().manual_seed(9)
     refs, mu = torch.randn(3, 12, generator=g), 0.3 * F.normalize(torch.randn(12, generator=g), dim=0)
-    assert torch.allclose(difa.nada_image_direction(refs, mu), F.normalize(F.normalize(refs, dim=1).mean(0) - mu, dim=0), atol=1e-6)
-    assert torch.allclose(difa.nada_image_direction(refs[:1], mu), difa.reference_direction(refs[:1], mu), atol=1e-6)
-    assert (difa.nada_image_direction(refs, mu) - difa.reference_direction(refs, mu)).abs().max() > 1e-3
+    assert torch.allclose(nada.nada_image_direction(refs, mu), F.normalize(F.normalize(refs, dim=1).mean(0) - mu, dim=0), atol=1e-6)
+    assert torch.allclose(nada.nada_image_direction(refs[:1], mu), difa.reference_direction(refs[:1], mu), atol=1e-6)
+    assert (nada.nada_image_direction(refs, mu) - difa.reference_direction(refs, mu)).abs().max() > 1e-3
+    assert nada.global_clip_loss is difa.global_clip_loss and nada.prompt_embeddings is difa.prompt_embeddings  # reused, not copied
 
 
 def test_layer_selection_picks_the_layers_that_move_most():
@@ -553,37 +555,38 @@ def test_layer_selection_picks_the_layers_that_move_most():
     def loss_fn(w):
         return (w * pull.view(1, -1, 1)).sum()
 
-    chosen, loss = difa.select_layers(w0, loss_fn, 2, 0.01, 3)
+    chosen, loss = nada.select_layers(w0, loss_fn, 2, 0.01, 3)
     assert chosen == [1, 4, 3] and torch.isclose(loss, loss_fn(w0 - 0.01 * pull.view(1, -1, 1)))
-    moved, _ = difa.optimise_wplus(w0, loss_fn, 2, 0.01)
-    assert torch.allclose(difa.layer_movement(w0, moved), 0.02 * pull.abs(), atol=1e-6)
-    assert not w0.requires_grad and difa.optimise_wplus(w0, loss_fn, 0, 0.01)[1] is None
+    moved, _ = nada.optimise_wplus(w0, loss_fn, 2, 0.01)
+    assert torch.allclose(nada.layer_movement(w0, moved), 0.02 * pull.abs(), atol=1e-6)
+    assert not w0.requires_grad and nada.optimise_wplus(w0, loss_fn, 0, 0.01)[1] is None
     # a CLIP-shaped loss: only the target-aligned layers move
     emb = F.normalize(torch.randn(4, 6, generator=g), dim=1)
     target = F.normalize(torch.randn(6, generator=g), dim=0)
-    assert torch.isclose(difa.clip_similarity_loss(emb, target), (1 - F.cosine_similarity(emb, target[None], dim=1)).mean())
+    assert torch.isclose(nada.clip_similarity_loss(emb, target), (1 - F.cosine_similarity(emb, target[None], dim=1)).mean())
 
 
-def run_nada(weights, out, *extra):
-    argv = ["--baseline", "nada", "--source", weights["source"], "--out", str(out), "--clip-weights", weights["clip"],
+def run_nada(weights, out, *extra, entry="nada"):
+    """A tiny NADA run: `python nada.py ...`, or (entry difa) the same run as `python difa.py --baseline nada ...`."""
+    argv = ["--source", weights["source"], "--out", str(out), "--clip-weights", weights["clip"],
             "--auto-layer-batch", "2", "--img2img-batch", "2", "--clip-mean-batch", "2", "--n-sample", "2",
             "--sample-every", "100", "--device", "cpu", *extra]
-    return difa.main(argv)
+    return nada.main(argv) if entry == "nada" else difa.main(["--baseline", "nada", *argv])
 
 
 def test_nada_trains_only_the_chosen_layers(setup, weights, monkeypatch):
     g_a = load_checkpoint(weights["source"], require=("g_ema",))[0]["g_ema"]
-    layers = difa.nada_layers(g_a)
+    layers = nada.nada_layers(g_a)
     assert len(layers) == g_a.n_latent == 8 and layers[1] is g_a.to_rgb1 and layers[2] is g_a.convs[0]
     seen = []
-    real = difa.select_layers
+    real = nada.select_layers
 
     def spy(*args):
         chosen, loss = real(*args)
         seen.append(chosen)
         return chosen, loss
 
-    monkeypatch.setattr(difa, "select_layers", spy)
+    monkeypatch.setattr(nada, "select_layers", spy)
     out = setup[0] / "nada_image"
     path = run_nada(weights, out, "--target", weights["reference"], "--iter", "1", "--auto-layer-k", "2")
     assert len(seen) == 1 and len(seen[0]) == 2
@@ -605,8 +608,8 @@ def test_nada_text_run_and_resume(setup, text_weights):
     assert sorted(os.listdir(root / "nada_text" / "checkpoints")) == ["000001.pt", "000002.pt", "000003.pt"]
     rows = [r.split(",") for r in open(root / "nada_text" / "log.csv").read().split()]
     assert rows[0] == ["iter", "loss", "global", "select"] and np.isfinite(np.array(rows[1:], dtype=float)).all()
-    run_nada(text_weights, root / "nada_resumed", "--iter", "2", *flags)
-    resumed = run_nada(text_weights, root / "nada_resumed", "--iter", "3", *flags, "--resume")
+    run_nada(text_weights, root / "nada_resumed", "--iter", "2", *flags, entry="difa")  # the same run through difa.py
+    resumed = run_nada(text_weights, root / "nada_resumed", "--iter", "3", *flags, "--resume", entry="difa")
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert all(torch.equal(t, b["g"][n]) for n, t in a["g"].items())
     assert a["run_args"]["baseline"] == "nada" and a["args"]["target_text"] == "a sketch"

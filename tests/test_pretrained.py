@@ -314,13 +314,3 @@ def test_text_tower_file_errors(tiny_clip, tmp_path):
     with pytest.raises(common.UserError, match="do not fit a text tower") as error:
         pretrained.load_text_tower(str(broken))
     assert "\n" not in str(error.value)
-
-
-def test_difa_keeps_the_names_it_used_to_define():
-    import difa
-
-    for name in ("CLIP_MEAN", "CLIP_STD", "CLIP_URLS", "E4E_FILE", "E4E_SOURCE", "QuickGELU", "SelfAttention", "ResidualBlock",
-                 "Transformer", "VisionTower", "vision_config", "read_clip_state_dict", "resolve_clip_file", "load_vision_tower",
-                 "default_clip_path", "clip_input", "SEModule", "BottleneckIRSE", "EqualLinear", "StyleHead", "E4E", "e4e_config",
-                 "load_e4e", "default_e4e_path", "e4e_input"):
-        assert getattr(difa, name) is getattr(pretrained, name), name
