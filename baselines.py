@@ -599,9 +599,7 @@ def main(argv=None):
     if args.baseline == "minegan":
         miner = Miner(latent_dim, args.miner_hidden).to(device)
 
-    # SHARED: under torchrun D's minibatch stddev over the global batch (after EWC's Fisher, which runs whole batches in
-    # every process); --precision bf16 autocasts G and D
-    runtime.distribute_discriminator(discriminator)
+    # SHARED: --precision bf16 autocasts G and D
     runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
@@ -614,8 +612,9 @@ def main(argv=None):
     sample_z = torch.randn(args.n_sample, latent_dim, device=device)  # [S, D]
     sampler = dataset.sampler(args.batch, device)
     mean_path_length = torch.zeros((), device=device)
-    # SHARED: under torchrun D's minibatch stddev over the global batch, gradients averaged in each optimiser's step(),
-    # the sampler's batches cut to this process's rows; nothing in one process
+    # SHARED: under torchrun D's minibatch stddev over the global batch (after EWC's Fisher, which runs whole batches in
+    # every process), gradients averaged in each optimiser's step(), the sampler's batches cut to this process's rows;
+    # nothing in one process
     runtime.distribute(discriminator, [g_optim, d_optim, m_optim], sampler)
 
     state = run.resume_state()

@@ -246,7 +246,8 @@ def main(argv=None):
                 feat_src = encode(g_source, z, noise_src, index)  # [M, D']
             feat_tgt = encode(generator, z, noise_tgt, index)  # [M, D']
             # InfoNCE couples the M latents: every process's rows gathered (autograd flows back to each), so every
-            # process computes the single-process loss of all M (runtime.py, 'Several processes'; in one process gather returns its input)
+            # process computes the single-process loss of all M (runtime.py,
+            # 'Several processes'; in one process gather returns its input)
             feat_src, feat_tgt = runtime.gather(feat_src, args.con_batch), runtime.gather(feat_tgt, args.con_batch)
             con_loss = contrastive_correspondence_loss(feat_src, feat_tgt, args.tau)
             # L_G + lambda_con L_con

@@ -288,7 +288,8 @@ def main(argv=None):
                 _, feats_src = runtime.generate_rows(g_source, [z], noise=noise_src, return_feats=True, feats_upto=deepest)
             _, feats_tgt = runtime.generate_rows(generator, [z], noise=noise_tgt, return_feats=True, feats_upto=deepest)
             # L_dist couples the N latents: every process's rows gathered (autograd flows back to each), so every
-            # process computes the single-process loss of all N (runtime.py, 'Several processes'; in one process gather returns its input)
+            # process computes the single-process loss of all N (runtime.py,
+            # 'Several processes'; in one process gather returns its input)
             feats_src, feats_tgt = runtime.gather(feats_src, args.feat_const_batch), runtime.gather(feats_tgt, args.feat_const_batch)
             if args.kl_layers == "random":
                 dist_loss = distance_consistency_loss(feats_src, feats_tgt, layer_idx, args.kl_direction, args.kl_reduction)

@@ -523,7 +523,8 @@ def main(argv=None):
 
         # METHOD: selective cross-domain consistency (queues filled every step, ramped weight). Under torchrun the queues hold
         # the gathered global batch's codes (autograd flows back to each process's rows), so every process computes the
-        # single-process L_scc (runtime.py, 'Several processes'; in one process gather returns its input)
+        # single-process L_scc (runtime.py,
+        # 'Several processes'; in one process gather returns its input)
         ramp = scc_ramp(i, args.iter, args.sliding_window_size)
         scc = torch.zeros((), device=device)
         if encoder is not None:

@@ -171,8 +171,8 @@ def train(args):
         # METHOD: one w per sample, the same w for both generators, independent noise; the directional CLIP loss
         with torch.no_grad():
             w = g_source.get_latent(z)  # [B, D]
-            x_a, _ = runtime.generate_rows(g_source, [w], input_is_latent=True)  # [B, 3, H, W] (torchrun: this process's rows)
-        x_b, _ = runtime.generate_rows(generator, [w], input_is_latent=True)
+            x_a, _ = runtime.generate_rows(g_source, [w], input_is_latent=True)  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
+        x_b, _ = runtime.generate_rows(generator, [w], input_is_latent=True)  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
         global_loss, loss = torch.zeros((), device=device), torch.zeros((), device=device)
         for tower, weight, direction in zip(towers, args.clip_model_weights, directions):
             with torch.no_grad():

@@ -658,7 +658,8 @@ def main(argv=None):
             _, feats_tgt = runtime.generate_rows(generator, [w_tgt], input_is_latent=True, randomize_noise=False, return_feats=True,
                                                 feats_upto=dcc_layers[-1])
             # L_dcc couples the N latents (pairs j < k): every process's rows gathered (autograd flows back to each),
-            # so every process computes the single-process loss of all N (runtime.py, 'Several processes'; in one process gather returns its input)
+            # so every process computes the single-process loss of all N (runtime.py,
+            # 'Several processes'; in one process gather returns its input)
             feats_src, feats_tgt = runtime.gather(feats_src, n_const), runtime.gather(feats_tgt, n_const)
             dcc_loss = disturbance_correlation_loss(feats_src, feats_tgt, dcc_grids)
             g_terms.backward(args.dcc_wt * dcc_loss)

@@ -887,8 +887,10 @@ class Run(RunDir):
             self._close()
 
     def _close(self):
-        self.pbar.close()
-        self.interrupt.__exit__(None, None, None)  # the previous Ctrl-C handler back
+        if self.interrupt is not None:  # once: at the loop's end, or at a Ctrl-C stop (then the loop is left unfinished)
+            self.pbar.close()
+            self.interrupt.__exit__(None, None, None)  # the previous Ctrl-C handler back
+            self.interrupt = None
 
     def save(self, i_next):
         path = self.checkpoint_path(i_next)
