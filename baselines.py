@@ -17,9 +17,12 @@ head: an image-level D on every iteration, z ~ p_z with style mixing); each adds
            rotations, integer translation; isotropic scaling, arbitrary rotation, anisotropic scaling,
            fractional translation; brightness, contrast, luma flip, hue rotation, saturation) is applied to
            each image with probability p. p starts at 0 and is adjusted every `ada_interval` D steps from the
-           overfitting heuristic r_t = E[sign(D(x_real))]:
+           overfitting heuristic r_t = E[sign(D(x_real))] over every real D saw since the last update (the main
+           step's and, on R1 steps, the R1 step's: ADA's loss.py reports both; --ada-rt-main-only counts the first):
                p <- max(0, p + sign(r_t - target) * batch * interval / (ada_kimg * 1000))
-           so p can move by at most 1 per ada_kimg thousand real images (target 0.6, ada_kimg 500, interval 4).
+           so p can move by at most 1 per ada_kimg thousand real images (target 0.6, interval 4, ada_kimg 100: ADA's
+           train.py sets 100 when it starts from a pretrained network, as every run here does, 500 from scratch). At
+           batch 4 p moves by at most 0.2 in 5002 iterations, 0.06 in the demo's 1500.
            The CDC paper notes that ADA's 90° rotations leak into generated caricatures: --ada-exclude rotate90
            switches single transforms off, --ada-pipe picks another of ADA's sets.
   freezed  Mo et al., "Freeze the Discriminator: a Simple Baseline for Fine-Tuning GANs", CVPRW 2020.
@@ -30,16 +33,28 @@ head: an image-level D on every iteration, z ~ p_z with style mixing); each adds
                L_G' = L_G + lambda sum_i F_i (theta_i - theta_s,i)^2,
                F_i  = E[(d L(X | theta_s) / d theta_s,i)^2],  L(X | theta_s) = -log sigmoid(D_s(G_s(z)))
            F is the diagonal (empirical) Fisher information of the source G, with the log-likelihood of a
-           generated batch approximated by the source D's binary cross-entropy, estimated once before training
-           on `ewc_fisher_batches` batches drawn from its own seeded generator (so --ewc-weight 0 reproduces
-           --baseline tgan bit for bit; a resumed run recomputes it, the same values on the same device).
+           generated image approximated by the source D's binary cross-entropy (the paper: F = E[-d^2 L(X | theta_s)
+           / d theta_s^2], L computed as that BCE); as an expectation over samples it is estimated from each
+           sample's squared gradient, so F and the strength of a fixed lambda do not depend on --batch
+           (--ewc-fisher batch-mean: the squared gradient of each batch's mean loss, 1/batch as large, what this
+           project did before and public re-implementations do). Estimated once before training on
+           `ewc_fisher_batches` batches drawn from its own seeded generator (so --ewc-weight 0 reproduces
+           --baseline tgan bit for bit; a resumed run recomputes it, the same values on the same device). No official
+           code; lambda = 5e8 is the value reported for the paper, not checked against the PDF.
   minegan  Wang et al., "MineGAN: effective knowledge transfer from GANs to target domains with few images",
-           CVPR 2020. A miner M (an MLP z -> u) is put in front of the generator's mapping, G(M(z)), and the
-           adversarial game is played first by M alone (G frozen: "mining" the source's latent space for the
-           region closest to the target) for `miner_iters` iterations, then by M and G jointly. The official
-           StyleGAN2 code (yaxingwang/MineGAN, styleGANv2/train.py) uses M = Linear(512, 512) - ReLU -
-           Linear(512, 512) and 1000 mining iterations; CDC's supplement reports also trying smaller miners
-           (--miner-hidden; as quoted in this project's issue, not checked against the PDF).
+           CVPR 2020. Miners are put in front of the generator and the adversarial game is played first by the
+           miners alone (G frozen: "mining" the source for what is closest to the target) for `miner_iters`
+           iterations, then by the miners and G jointly. As the official StyleGAN2 code (yaxingwang/MineGAN,
+           styleGANv2/model.py, train.py) there are two: M = Linear(512, 512) - ReLU - Linear(512, 512) in front of
+           the mapping network, G(M(z)), and a randomly initialised convolutional network (InputMiner: a learned
+           8-channel 4x4 constant, 1x1 convolutions 8 -> 32 -> 128 -> 512) whose output replaces G's learned constant
+           input, so the first samples are not the source's faces (--no-input-miner keeps the constant). G joins at
+           iteration 1001 (official: i > 1000). The official train.py never clears the miners' gradients (only G's
+           zero_grad is called), so each Adam step of a miner follows the running sum of all its past gradients,
+           the path-length term's included: reproduced by default as an official-code bug, --miner-zero-grad clears
+           them before each step. It also leaves the source run's Adam moments out (commented out there): so here.
+           CDC's supplement reports also trying smaller miners (--miner-hidden; as quoted in this project's issue,
+           not checked against the PDF).
 
   bsa      Noguchi & Harada, "Image Generation From Small Datasets via Batch Statistics Adaptation", ICCV 2019.
            No discriminator: the generator's weights stay frozen and only per-channel scale gamma and shift
@@ -49,24 +64,31 @@ head: an image-level D on every iteration, z ~ p_z with style mixing); each adds
                                      + lambda_emd EMD({z_n}, N(0, I)) + lambda_re sum_l (|gamma_l - 1|^2 + |beta_l|^2)
            (eps ~ N(0, 0.01^2 I); EMD is the official code's nearest-neighbour distance between the batch's z and
            10x as many Gaussian samples, in both directions). New images are G(z), z ~ N(0, I).
-           Mapping onto StyleGAN2: BSA adapts the BatchNorm affine (gamma, beta) of BigGAN / SNGAN, which sit
-           right after a normalisation and before the nonlinearity. StyleGAN2 has no BatchNorm; its
+           The official code has two configurations; this is its SNGAN one (configs/default.yml, gen_models/
+           ada_generator.py AdaSNGAN): per-channel gamma, beta of every BatchNorm (initialised from the pretrained
+           ones), regulariser mean((gamma - 1)^2) + mean(beta^2) per layer, Adam lr 0.03 for gamma, beta and z, batch
+           min(N, 25), lr x0.2 every 3000 of 10000 iterations. (Its BigGAN configuration adapts something else: a
+           scale and shift of the first linear layer's 4x4 output, the linear layers of each HyperBN that compute its
+           gamma, beta from z and the class embedding, and a Linear(1, 128) standing in for that embedding, regularising
+           only the latter's weight; Adam 0.0005, z 0.05, batch 5 per GPU.)
+           Mapping onto StyleGAN2: SNGAN's BatchNorm affine (gamma, beta) sits right after a normalisation and
+           before the nonlinearity. StyleGAN2 has no BatchNorm; its
            normalisation is the weight demodulation of every styled conv (each output channel is rescaled to
            unit expected variance). So gamma, beta [C] act on the output of each StyledConv's modulated,
            demodulated convolution, before noise, bias and leaky ReLU (conv1 and every conv of `convs`; not the
            ToRGB layers, which have no demodulation, as BigGAN's last conv has no BN after it). They are forward
            hooks on the ModulatedConv2d modules, so G's code and state dict are untouched; the checkpoint stores
            them as `scale_shift` next to the unchanged g_ema, and `adapted_generator` re-installs them. z lives
-           in Z (the mapping's input), drawn from N(0, I) at the start (the official BigGAN runs start at 0,
+           in Z (the mapping's input), drawn from N(0, I) at the start (the official runs start at 0, initial_z "zero",
            which StyleGAN2's PixelNorm would turn into one degenerate direction). The perceptual term is
            LPIPS-VGG (as rssa.py; the official code uses an L1 distance of raw VGG16 activations weighted
            0.001). Not mapped: BigGAN's class-embedding linear layer (StyleGAN2 is unconditional).
 
 Defaults: the GAN baselines use the schedule of cdc.py (the loop they share: 5002 iterations, batch 4, lr 0.002,
 R1 10 every 16, path length 2 every 4, mixing 0.9, EMA 0.5^(32/10000)), the source run's Adam moments and, as
-in cdc.py, G_s = the source's `g`, g_ema from its `g_ema`. BSA uses its official configuration (10000
-iterations, batch 5, Adam lr 0.0005, z lr 0.05, both x0.1 every 3000 iterations) and starts from the source's
-g_ema. Each --help line says where its default comes from.
+in cdc.py, G_s = the source's `g`, g_ema from its `g_ema`. BSA uses its official SNGAN configuration (10000
+iterations, batch min(N, 25), Adam lr 0.03 for gamma, beta and z, x0.2 every 3000 iterations) and starts from the
+source's g_ema. MineGAN starts Adam from zero moments, as its official code. Each --help line says where its default comes from.
 """
 
 import argparse
@@ -84,13 +106,14 @@ import common
 import runtime
 from common import UserError
 from checkpoints import load_checkpoint
-from stylegan2 import upfirdn2d
+from stylegan2 import ConstantInput, EqualConv2d, FusedLeakyReLU, upfirdn2d
 
 BASELINES = ("tgan", "ada", "freezed", "ewc", "bsa", "minegan")
 # per-baseline defaults of the shared options (None in argparse, filled in after parsing)
 GAN_DEFAULTS = dict(iter=5002, batch=4, lr=0.002)  # cdc.py's official schedule, the loop these baselines share
-BSA_DEFAULTS = dict(iter=10000, batch=5, lr=0.0005)  # BSA's configs/default.yml and AdaBIGGAN's Adam alpha
-BSA_LR_DECAY_EVERY, BSA_LR_DECAY = 3000, 0.1  # official exponential_shift_interval: lr x0.1 every 3000 iterations
+# BSA's SNGAN configuration (configs/default.yml: iteration, batchsize SNGAN, init_lr; AdaSNGAN's Adam for every parameter)
+BSA_DEFAULTS = dict(iter=10000, batch=25, lr=0.03)
+BSA_LR_DECAY_EVERY, BSA_LR_DECAY = 3000, 0.2  # official exponential_shift_interval 3000, lr_scale 0.2
 BSA_Z_EPS = 0.01  # official AdaGenerator: z_n + N(0, 0.01^2) at every step
 BSA_EMD_SAMPLES = 10  # official EMD: 10 Gaussian samples per batch latent
 
@@ -119,10 +142,14 @@ def parse_args(argv=None):
                         help="comma-separated transforms of the set to switch off, e.g. rotate90, which the CDC paper finds leaks into "
                              "caricatures (default none: ADA)")
     parser.add_argument("--ada-target", type=float, default=0.6, help="target of r_t = E[sign D(x_real)] (default 0.6: ADA)")
-    parser.add_argument("--ada-kimg", type=float, default=500, help="thousands of real images for p to move by 1 (default 500: ADA)")
+    parser.add_argument("--ada-kimg", type=float, default=100,
+                        help="thousands of real images for p to move by 1 (default 100: ADA's train.py when it starts from a pretrained "
+                             "network, as every run here does; 500 from scratch)")
     parser.add_argument("--ada-interval", type=int, default=4, help="D steps between p updates (default 4: ADA's ada_interval)")
     parser.add_argument("--ada-p", type=float, default=0.0, help="initial augmentation probability (default 0: ADA)")
     parser.add_argument("--ada-fixed", action="store_true", help="keep p at --ada-p (ADA's --aug=fixed; default: adaptive)")
+    parser.add_argument("--ada-rt-main-only", action="store_true",
+                        help="r_t from the main D step's reals only (default: also the R1 step's reals, as ADA's loss.py reports both)")
     # METHOD: FreezeD
     parser.add_argument("--freeze-d", type=int, default=None,
                         help="K, D blocks frozen from the input: FromRGB and the K highest-resolution ResBlocks (default: those above 16x16, "
@@ -133,14 +160,26 @@ def parse_args(argv=None):
                         help="lambda, weight of the EWC penalty (default 5e8: the EWC paper, as recalled; not checked against the PDF)")
     parser.add_argument("--ewc-fisher-batches", type=int, default=64,
                         help="batches (of --batch samples) for the Fisher estimate (default 64: unstated in the paper, our choice)")
+    parser.add_argument("--ewc-fisher", choices=["per-sample", "batch-mean"], default="per-sample",
+                        help="F_i as the mean of each generated sample's squared gradient (default per-sample: the paper's expectation, "
+                             "independent of --batch) or of each batch-mean loss's (batch-mean: scales as 1/--batch; this project before, "
+                             "and public re-implementations)")
     # METHOD: MineGAN
     parser.add_argument("--miner-hidden", type=int, default=None,
                         help="width of the miner's hidden layer (default: the style dim, 512 at full scale: official StyleGAN2 code; "
                              "CDC's supplement reports also trying smaller miners)")
-    parser.add_argument("--miner-iters", type=int, default=1000,
-                        help="iterations that train the miner alone before G joins (default 1000: official StyleGAN2 code, step_dis)")
+    parser.add_argument("--miner-iters", type=int, default=1001,
+                        help="iterations that train the miners alone before G joins (default 1001: official StyleGAN2 code, G trains "
+                             "when i > step_dis = 1000)")
+    parser.add_argument("--no-input-miner", action="store_true",
+                        help="keep G's learned constant input (default: replace it by the official code's second, convolutional miner)")
+    parser.add_argument("--miner-zero-grad", action="store_true",
+                        help="clear the miners' gradients before each of their steps (default: never cleared, as the official train.py, "
+                             "whose Adam steps follow the running sum of all past gradients: an official-code bug, kept by default)")
     # METHOD: BSA
-    parser.add_argument("--bsa-latent-lr", type=float, default=0.05, help="Adam lr of the per-image latents (default 0.05: official code)")
+    parser.add_argument("--bsa-latent-lr", type=float, default=0.03,
+                        help="Adam lr of the per-image latents (default 0.03: official SNGAN configuration, init_lr for every parameter; "
+                             "its BigGAN configuration uses 0.05)")
     parser.add_argument("--bsa-perceptual", type=float, default=1.0,
                         help="lambda_per, weight of LPIPS-VGG (default 1: our choice; the official L1 of raw VGG16 activations uses 0.001)")
     parser.add_argument("--bsa-emd", type=float, default=0.1, help="lambda_emd, weight of the latents' EMD to N(0, I) (default 0.1: official l_emd)")
@@ -154,7 +193,8 @@ def parse_args(argv=None):
     parser.add_argument("--g-reg-every", type=int, default=4, help="lazy path-length interval (default 4: official code)")
     parser.add_argument("--mixing", type=float, default=0.9, help="style-mixing probability (default 0.9: official code)")
     parser.add_argument("--ignore-source-optim", action="store_true",
-                        help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present)")
+                        help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present; "
+                             "minegan never loads them, as MineGAN's official train.py)")
     args = runtime.parse_args_or_demo(parser, argv, "baselines", run_name=lambda a: a.baseline, **runtime.DEMO_SCHEDULE)
     defaults = BSA_DEFAULTS if args.baseline == "bsa" else GAN_DEFAULTS
     for name, value in defaults.items():
@@ -387,6 +427,11 @@ def ada_augment(images, p, transforms):
     return images
 
 
+def count_signs(signs, real_logits):
+    """(sum, count) of sign(D(x_real)) since the last p update, plus those of `real_logits` [B] or [B, 1]."""
+    return [signs[0] + float(real_logits.sign().sum()), signs[1] + real_logits.numel()]
+
+
 def ada_update_p(p, real_signs_mean, target, batch, interval, kimg):
     """ADA's heuristic: p + sign(r_t - target) * (batch * interval) / (kimg * 1000), floored at 0;
     r_t = E[sign(D(x_real))] over the last `interval` D steps."""
@@ -423,12 +468,13 @@ def set_d_trainable(discriminator, flag, frozen):
 
 
 def fisher_diagonal(params, batch_losses):
-    """F_i = mean over the batches k of (d L_k / d theta_i)^2 (the diagonal empirical Fisher information).
-    params: list of tensors requiring grad; batch_losses: iterable of scalar losses built from them."""
+    """F_i = mean over the losses k of (d L_k / d theta_i)^2 (the diagonal empirical Fisher information).
+    params: list of tensors requiring grad; batch_losses: iterable of scalar losses built from them (several
+    losses may share one graph, e.g. the samples of one batch: each gradient keeps the graph for the next)."""
     fisher = [torch.zeros_like(p) for p in params]
     n = 0
     for loss in batch_losses:
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
         for f, g in zip(fisher, grads):
             if g is not None:
                 # sum_k (d L_k / d theta_i)^2
@@ -444,10 +490,12 @@ def ewc_penalty(params, source_params, fisher):
     return sum((f * (p - s).pow(2)).sum() for p, s, f in zip(params, source_params, fisher))
 
 
-def estimate_fisher(g_source, d_source, n_batches, batch, seed, device):
-    """The source generator's diagonal Fisher information {name: F} from the source D's loss on generated
-    batches, L_k = mean_b -log sigmoid(D_s(G_s(z_b))), z ~ N(0, I) without mixing, random per-pixel noise.
-    Runs on its own RNG stream seeded by `seed` and restores every global RNG state afterwards."""
+def estimate_fisher(g_source, d_source, n_batches, batch, seed, device, per_sample=True):
+    """The source generator's diagonal Fisher information {name: F} from the source D's loss on n_batches
+    generated batches, z ~ N(0, I) without mixing, random per-pixel noise. per_sample (the paper's F, an
+    expectation over samples, whatever the batch): one loss per sample, L_b = -log sigmoid(D_s(G_s(z_b))) (D sees
+    the whole batch, as in training: its minibatch stddev); otherwise one per batch, L_k = mean_b L_b, whose squared
+    gradient shrinks as 1 / batch. Runs on its own RNG stream seeded by `seed`, restoring every global RNG state."""
     g = copy.deepcopy(g_source).requires_grad_(True)
     d = copy.deepcopy(d_source).requires_grad_(False)
     names, params = zip(*g.named_parameters())
@@ -457,7 +505,12 @@ def estimate_fisher(g_source, d_source, n_batches, batch, seed, device):
         def losses():
             for _ in range(n_batches):
                 images, _ = g([torch.randn(batch, g.style_dim, device=device)])
-                yield common.g_nonsaturating_loss(d(images))  # -log sigmoid(D(G(z))) = BCE with the 'real' label
+                logits = d(images)  # [B, 1]
+                if per_sample:
+                    # L_b = -log sigmoid(D(G(z_b))) = BCE with the 'real' label, one per sample
+                    yield from (F.softplus(-logit).sum() for logit in logits)
+                else:
+                    yield common.g_nonsaturating_loss(logits)  # mean_b L_b
 
         fisher = fisher_diagonal(list(params), losses())
     return dict(zip(names, fisher))
@@ -477,6 +530,30 @@ class Miner(nn.Module):
 
     def forward(self, zs):
         return [self.transform(z) for z in zs]  # one mined code per z of a style-mixing list
+
+
+class InputMiner(nn.Module):
+    """MineGAN's second miner for StyleGAN2 (the official styleGANv2/model.py Miner_semantic_conv): a small
+    randomly initialised network that replaces G's learned constant input, u_4x4 = conv3(lrelu(conv2(lrelu(conv1(c))))),
+    c a learned [1, 8, 4, 4] constant, 1x1 equalised convolutions 8 -> 32 -> 128 -> C (C = G's 4x4 channels, 512 at
+    full scale), the first two with a bias and StyleGAN2's scaled leaky ReLU. `install(g)` hooks it onto g.input."""
+
+    def __init__(self, channels, code_dim=8):
+        super().__init__()
+        self.input = ConstantInput(code_dim)
+        self.conv1 = EqualConv2d(code_dim, code_dim * 4, 1, bias=False)
+        self.act1 = FusedLeakyReLU(code_dim * 4)
+        self.conv2 = EqualConv2d(code_dim * 4, code_dim * 16, 1, bias=False)
+        self.act2 = FusedLeakyReLU(code_dim * 16)
+        self.conv3 = EqualConv2d(code_dim * 16, channels, 1, bias=False)
+
+    def forward(self, batch_like):
+        h = self.input(batch_like)  # [B, 8, 4, 4]
+        return self.conv3(self.act2(self.conv2(self.act1(self.conv1(h)))))  # [B, C, 4, 4]
+
+    def install(self, generator):
+        """G(M(z)) with this network's output in place of G's constant input (a forward hook: G's code is untouched)."""
+        return generator.input.register_forward_hook(lambda module, inputs, output: self(inputs[0]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,6 +605,12 @@ def bsa_reconstruction_loss(fake, real, lpips_fn, weight_per):
     return (fake - real).abs().mean(), lpips_fn(fake, real).mean() if weight_per > 0 else fake.new_zeros(())
 
 
+def bsa_lr_scale(i):
+    """The factor on BSA's learning rates at iteration i (0-based): lr_scale^floor((i + 1) / interval), as the official
+    updater scales Adam's alpha before the update of every interval-th iteration."""
+    return BSA_LR_DECAY ** ((i + 1) // BSA_LR_DECAY_EVERY)
+
+
 class IndexBatches(common.BatchSampler):
     """BatchSampler's epochs of image indices (no flips: BSA reconstructs each image from its own latent)."""
 
@@ -545,8 +628,9 @@ class IndexBatches(common.BatchSampler):
 
 def adapted_generator(path, device="cpu"):
     """The g_ema of a baselines.py checkpoint as the baseline samples it, in eval mode: a MineGAN checkpoint's
-    g_ema with its miner in front of the mapping, a BSA checkpoint's g_ema with its scale / shift hooks, any other
-    checkpoint's plain g_ema. Returns a stylegan2.Generator (the miner as a forward pre-hook on g.style)."""
+    g_ema with its miner in front of the mapping (and its input miner in place of the constant input), a BSA
+    checkpoint's g_ema with its scale / shift hooks, any other checkpoint's plain g_ema. Returns a
+    stylegan2.Generator (the miners as a forward pre-hook on g.style and a forward hook on g.input)."""
     models, raw = load_checkpoint(path, require=("g_ema",), device=device)
     g = models["g_ema"]
     if raw.get("scale_shift") is not None:
@@ -558,6 +642,10 @@ def adapted_generator(path, device="cpu"):
         miner.load_state_dict(raw["miner"])
         miner.eval().requires_grad_(False)
         g.style.register_forward_pre_hook(lambda module, inputs: (miner([inputs[0]])[0],))
+    if raw.get("input_miner") is not None:
+        input_miner = InputMiner(g.input.input.shape[1]).to(device)
+        input_miner.load_state_dict(raw["input_miner"])
+        input_miner.eval().requires_grad_(False).install(g)
     return g.eval()
 
 
@@ -592,20 +680,29 @@ def main(argv=None):
     source_params, fisher = None, None
     if args.baseline == "ewc":
         print(f"estimating the source generator's Fisher information ({args.ewc_fisher_batches} batches of {args.batch})")
-        fisher = estimate_fisher(g_source, discriminator, args.ewc_fisher_batches, args.batch, args.seed, device)
+        fisher = estimate_fisher(g_source, discriminator, args.ewc_fisher_batches, args.batch, args.seed, device,
+                                 per_sample=args.ewc_fisher == "per-sample")
         fisher = [fisher[name] for name, _ in generator.named_parameters()]
         source_params = [p.detach().clone() for p in g_source.parameters()]
-    miner = None
+    miner, input_miner, miners = None, None, []
     if args.baseline == "minegan":
         miner = Miner(latent_dim, args.miner_hidden).to(device)
+        miners = [miner]
+        if not args.no_input_miner:
+            input_miner = InputMiner(generator.input.input.shape[1]).to(device)
+            for g in (generator, g_ema):  # G(M(z)) and its EMA sample through the same (not averaged) miners, as official
+                input_miner.install(g)
+            miners.append(input_miner)
 
     # SHARED: --precision bf16 autocasts G and D
     runtime.autocast_forwards(args.precision, g_source, generator, discriminator)
 
     g_optim = common.make_adam(generator.parameters(), args.lr, args.g_reg_every)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, args.d_reg_every)
-    m_optim = common.make_adam(miner.parameters(), args.lr, args.g_reg_every) if miner else None  # official: a group of g_optim
-    if not args.ignore_source_optim and "g_optim" in source_ckpt and "d_optim" in source_ckpt:
+    # the miners' Adam: official, groups of g_optim with its settings
+    m_optim = common.make_adam([p for m in miners for p in m.parameters()], args.lr, args.g_reg_every) if miner else None
+    # MineGAN's official train.py leaves the source run's moments out (its load_state_dict lines are commented out)
+    if not args.ignore_source_optim and not miner and "g_optim" in source_ckpt and "d_optim" in source_ckpt:
         runtime.load_optimizer_moments(g_optim, source_ckpt["g_optim"])
         runtime.load_optimizer_moments(d_optim, source_ckpt["d_optim"])
 
@@ -627,6 +724,10 @@ def main(argv=None):
         if miner:
             miner.load_state_dict(state["miner"])
             m_optim.load_state_dict(state["miner_optim"])
+            if input_miner:
+                input_miner.load_state_dict(state["input_miner"])
+            for p, grad in zip(m_optim.param_groups[0]["params"], state["miner_grads"]):  # the running sums
+                p.grad = None if grad is None else grad.to(device)
 
     # SHARED: the source half of the sample grids (the source's g_ema), one fixed noise for both halves
     fixed_noise = [getattr(g_source_ema.noises, f"noise_{k}") for k in range(g_source_ema.num_layers)]
@@ -635,7 +736,12 @@ def main(argv=None):
     del g_source_ema
 
     def checkpoint(i_next):
-        extra = dict(miner=miner.state_dict(), miner_optim=m_optim.state_dict()) if miner else {}
+        extra = {}
+        if miner:
+            extra = dict(miner=miner.state_dict(), miner_optim=m_optim.state_dict(),
+                         miner_grads=[p.grad for p in m_optim.param_groups[0]["params"]])  # the official code's running sums
+            if input_miner:
+                extra["input_miner"] = input_miner.state_dict()
         return runtime.training_state(
             i_next, args, generator, g_ema, discriminator, g_optim, d_optim,
             sample_z=sample_z, mean_path_length=mean_path_length, sampler=sampler.state_dict(),
@@ -651,7 +757,7 @@ def main(argv=None):
         return miner(zs) if miner else zs  # MineGAN: G(M(z)); the others: G(z)
 
     for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
-        # METHOD: MineGAN trains the miner alone for the first miner_iters iterations
+        # METHOD: MineGAN trains the miners alone for the first miner_iters iterations (official: G joins when i > 1000)
         train_g = not miner or i >= args.miner_iters
 
         def sample_latents(batch):
@@ -667,8 +773,8 @@ def main(argv=None):
         # SHARED: D step
         real_img = next(sampler)  # [B, 3, H, W] (torchrun: this process's B/N rows)
         common.requires_grad(generator, False)
-        if miner:
-            common.requires_grad(miner, False)
+        for m in miners:
+            common.requires_grad(m, False)
         set_d_trainable(discriminator, True, frozen)  # FreezeD: the frozen blocks never get gradients
         with torch.no_grad():
             fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
@@ -678,13 +784,10 @@ def main(argv=None):
         d_loss.backward()
         d_optim.step()
 
-        # METHOD: ADA's p update from the sign of D on the reals, every ada_interval D steps
-        if args.baseline == "ada" and not args.ada_fixed:
-            signs = runtime.gather(real_pred.detach(), args.batch).sign()  # [B, 1], the global batch's
-            ada_signs = [ada_signs[0] + float(signs.sum()), ada_signs[1] + signs.numel()]
-            if (i + 1) % args.ada_interval == 0:
-                ada_p = ada_update_p(ada_p, ada_signs[0] / ada_signs[1], args.ada_target, args.batch, args.ada_interval, args.ada_kimg)
-                ada_signs = [0.0, 0]
+        # METHOD: ADA's r_t counts the sign of D on every real it sees: the main step's ...
+        adaptive = args.baseline == "ada" and not args.ada_fixed
+        if adaptive:
+            ada_signs = count_signs(ada_signs, runtime.gather(real_pred.detach(), args.batch))  # the global batch's
 
         # SHARED: lazy R1 on the reals as seen by this iteration's D
         r1_loss = torch.zeros((), device=device)
@@ -696,15 +799,23 @@ def main(argv=None):
             # gamma / 2 * R1 * k (lazy regularisation)
             (args.r1 / 2 * r1_loss * args.d_reg_every).backward()
             d_optim.step()
+            if adaptive and not args.ada_rt_main_only:
+                # ... and the R1 step's (ADA's loss.py reports Loss/signs/real in both phases)
+                ada_signs = count_signs(ada_signs, runtime.gather(real_pred.detach(), args.batch))
+
+        # METHOD: ADA's p update from r_t, every ada_interval D steps
+        if adaptive and (i + 1) % args.ada_interval == 0:
+            ada_p = ada_update_p(ada_p, ada_signs[0] / ada_signs[1], args.ada_target, args.batch, args.ada_interval, args.ada_kimg)
+            ada_signs = [0.0, 0]
 
         # SHARED: G step
         common.requires_grad(generator, train_g)
-        if miner:
-            common.requires_grad(miner, True)
+        for m in miners:
+            common.requires_grad(m, True)
         common.requires_grad(discriminator, False)
         generator.zero_grad()
-        if miner:
-            miner.zero_grad()
+        if miner and args.miner_zero_grad:  # official: the miners' gradients are never cleared (see --miner-zero-grad)
+            m_optim.zero_grad()
         g_terms = common.BackwardEachTerm()  # each term's backward runs as soon as it is formed (less memory)
         fake_img, _ = runtime.generate_rows(generator, sample_latents(args.batch))  # [B, 3, H, W]: G(z) (torchrun: this process's rows)
         g_loss = common.g_nonsaturating_loss(d_logits(fake_img))
@@ -729,8 +840,8 @@ def main(argv=None):
             fake_img, latents = runtime.generate_rows(generator, sample_latents(path_batch), return_latents=True)
             path_loss, mean_path_length, _ = common.g_path_regularize(fake_img, latents, mean_path_length, batch=path_batch)
             generator.zero_grad()
-            if miner:
-                miner.zero_grad()
+            if miner and args.miner_zero_grad:
+                m_optim.zero_grad()
             (args.path_regularize * args.g_reg_every * path_loss).backward()
             if train_g:
                 g_optim.step()
@@ -763,6 +874,9 @@ def train_bsa(args):
     common.requires_grad(generator, False)
     common.requires_grad(discriminator, False)
     dataset = common.ImageFolder(args.target, generator.size)
+    args.batch = min(args.batch, len(dataset))  # official: min(N, configured batch), each image once per batch
+    if args.batch % runtime.world_size():
+        raise UserError(f"BSA's batch is min(--batch, {len(dataset)} images) = {args.batch}: run it on a number of processes that divides it")
     run = runtime.Run(args, __file__)  # the run folder, --resume, log, sample grids, checkpoints, Ctrl-C
     latent_dim = generator.style_dim
 
@@ -771,7 +885,7 @@ def train_bsa(args):
     scale_shift.install(generator)
     latents = nn.Parameter(torch.randn(len(dataset), latent_dim, device=device))  # [N, D]
     bsa_optim = torch.optim.Adam([{"params": scale_shift.parameters(), "lr": args.lr},
-                                  {"params": [latents], "lr": args.bsa_latent_lr}])  # Chainer's Adam defaults (0.9, 0.999)
+                                  {"params": [latents], "lr": args.bsa_latent_lr}])  # Chainer's Adam defaults (0.9, 0.999, 1e-8)
     base_lrs = [group["lr"] for group in bsa_optim.param_groups]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         lpips_fn = common.load_lpips("vgg", device, random_backbone=args.lpips_random_backbone) if args.bsa_perceptual > 0 else None
@@ -816,9 +930,9 @@ def train_bsa(args):
         runtime.save_comparison_grid(os.path.join(run.samples, f"recon_{i:06d}.png"), targets.cpu(), recon.cpu())
 
     for i in run.iterations(checkpoint, write_samples):  # start .. --iter - 1, under a progress bar
-        # METHOD: BSA's step schedule, lr x0.1 every 3000 iterations (official exponential_shift)
+        # METHOD: BSA's step schedule, lr x0.2 every 3000 iterations (official exponential_shift, lr_scale 0.2)
         for group, base in zip(bsa_optim.param_groups, base_lrs):
-            group["lr"] = base * BSA_LR_DECAY ** ((i + 1) // BSA_LR_DECAY_EVERY)
+            group["lr"] = base * bsa_lr_scale(i)
         index = next(sampler).to(device)  # [B] image indices
         z = latents[index] + BSA_Z_EPS * torch.randn(len(index), latent_dim, device=device)  # z_n + eps
         part = runtime.rows(args.batch)  # this process's rows (all of them in a single process)
@@ -834,8 +948,8 @@ def train_bsa(args):
         bsa_optim.step()
 
         # SHARED: the losses to log.csv and the progress bar; sample grids, checkpoints; Ctrl-C: save and stop
-        run.end_iteration(i, {"loss": loss, "pixel": pixel_loss, "perceptual": perceptual_loss, "emd": emd_loss,
-                              "reg": reg_loss})
+        run.end_iteration(i, {"loss": loss.item(), "pixel": pixel_loss.item(), "perceptual": perceptual_loss.item(),
+                              "emd": emd_loss.item(), "reg": reg_loss.item()})
     path = run.finish()  # the last sample grids and checkpoint
     print(f"done: {path}")
     return path

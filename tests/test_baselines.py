@@ -15,6 +15,22 @@ from stylegan2 import Discriminator
 # EWC
 
 
+def test_ewc_fisher_per_sample_does_not_depend_on_the_batch(setup):
+    _, source, _ = setup
+    models = load_checkpoint(source)[0]
+    cpu = torch.device("cpu")
+
+    def mean_fisher(batch, per_sample):  # 64 generated samples in batches of `batch`
+        fisher = baselines.estimate_fisher(models["g"], models["d"], 64 // batch, batch, 1, cpu, per_sample=per_sample)
+        return float(sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values()))
+
+    per_sample = [mean_fisher(b, True) for b in (2, 8)]
+    batch_mean = [mean_fisher(b, False) for b in (2, 8)]
+    assert 1 / 1.5 < per_sample[0] / per_sample[1] < 1.5  # the paper's expectation over samples: about equal
+    assert batch_mean[0] / batch_mean[1] > 2.5  # the squared gradient of a batch mean: about 1 / batch
+    assert baselines.parse_args(["--baseline", "ewc"]).ewc_fisher == "per-sample"
+
+
 def test_ewc_fisher_and_penalty_equal_direct_computation():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
@@ -171,14 +187,59 @@ def test_freezed_keeps_exactly_the_frozen_blocks(setup):
 def test_minegan_miner_phase_leaves_g_unchanged(setup):
     root, source, target = setup
     path = run(source, target, root / "minegan", "minegan", "--iter", "1", "--miner-hidden", "8")
-    assert same(tensors(path, "g"), tensors(source, "g"))  # G frozen for the first --miner-iters (1000)
+    assert baselines.parse_args(["--baseline", "minegan"]).miner_iters == 1001  # official: G trains when i > 1000
+    assert same(tensors(path, "g"), tensors(source, "g"))  # G frozen for the first --miner-iters
     assert not same(tensors(path, "d"), tensors(source, "d"))
     raw = torch.load(path, weights_only=True)
     assert raw["miner"]["transform.0.weight"].shape == (8, 16)
+    channels = load_checkpoint(source)[0]["g"].input.input.shape[1]
+    assert raw["input_miner"]["conv3.weight"].shape == (channels, 128, 1, 1)  # official: 8 -> 32 -> 128 -> C
     g = baselines.adapted_generator(path)
+    assert len(g.input._forward_hooks) == 1
     plain = load_checkpoint(path, require=("g_ema",))[0]["g_ema"]
     z = torch.randn(2, 16)
     assert not torch.allclose(g([z], randomize_noise=False)[0], plain([z], randomize_noise=False)[0])
+    # without the input miner: G's constant input, no hook
+    path = run(source, target, root / "minegan-noinput", "minegan", "--iter", "1", "--miner-hidden", "8", "--no-input-miner")
+    assert "input_miner" not in torch.load(path, weights_only=True)
+    assert not baselines.adapted_generator(path).input._forward_hooks
+
+
+def test_minegan_miner_gradients_accumulate_as_the_official_code_and_resume_exactly(setup):
+    root, source, target = setup
+    # iteration 0: the G step, then the path-length step (weight 0 here: it adds a zero gradient)
+    flags = ["--miner-hidden", "8", "--path-regularize", "0"]
+    summed = torch.load(run(source, target, root / "mg-sum", "minegan", "--iter", "1", *flags), weights_only=True)
+    cleared = torch.load(run(source, target, root / "mg-clear", "minegan", "--iter", "1", *flags, "--miner-zero-grad"),
+                         weights_only=True)
+    # official: never cleared, so the path step's Adam step follows the G step's gradient again
+    assert all(g is not None and g.abs().sum() > 0 for g in summed["miner_grads"])
+    assert all(g is not None and not g.any() for g in cleared["miner_grads"])  # cleared: only the path step's zeros
+    assert not same(summed["miner"], cleared["miner"])
+    # the running sums are part of the checkpoint: a resumed run continues them bit for bit
+    straight = run(source, target, root / "mg-a", "minegan", "--iter", "2", *flags)
+    run(source, target, root / "mg-b", "minegan", "--iter", "1", "--save-every", "1", *flags)
+    resumed = baselines.main(["--resume", str(root / "mg-b" / "checkpoints" / "000001.pt"), "--iter", "2"])
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    for key in ("d", "miner", "input_miner"):
+        assert same(a[key], b[key]), key
+    assert all(torch.equal(x, y) for x, y in zip(a["miner_grads"], b["miner_grads"]))
+
+
+def test_ada_kimg_100_lets_p_reach_0_2_in_5002_iterations_and_r_t_counts_the_r1_reals(setup):
+    args = baselines.parse_args(["--baseline", "ada"])
+    assert args.ada_kimg == 100  # ADA's train.py when starting from a pretrained network
+    p = 0.0
+    for i in range(5002):  # r_t always above the target: p rises at its fastest
+        if (i + 1) % args.ada_interval == 0:
+            p = baselines.ada_update_p(p, 1.0, args.ada_target, args.batch, args.ada_interval, args.ada_kimg)
+    assert p == pytest.approx(1250 * 4 * 4 / 100_000)  # 0.2
+    assert baselines.count_signs([1.0, 2], torch.tensor([[0.5], [-2.0], [3.0]])) == [2.0, 5]
+    # iteration 0 is an R1 step: its reals count too (ADA's loss.py), unless --ada-rt-main-only
+    root, source, target = setup
+    both = torch.load(run(source, target, root / "ada-rt", "ada", "--iter", "1"), weights_only=True)
+    main_only = torch.load(run(source, target, root / "ada-rt-main", "ada", "--iter", "1", "--ada-rt-main-only"), weights_only=True)
+    assert both["ada_signs"][1] == 4 and main_only["ada_signs"][1] == 2  # batch 2: main step + R1 step
 
 
 def test_ada_resume_is_bit_for_bit_and_p_adapts(setup):
@@ -192,6 +253,12 @@ def test_ada_resume_is_bit_for_bit_and_p_adapts(setup):
         assert same(a[key], b[key]), key
     assert a["ada_p"] == b["ada_p"] and a["ada_p"] != 0.5
     assert open(root / "ada" / "log.csv").read() == open(root / "ada-resumed" / "log.csv").read()
+
+
+def test_bsa_lr_decays_x0_2_every_3000_iterations_as_the_official_updater():
+    # official: alpha *= 0.2 before the update of iteration i (0-based) whenever (i + 1) % 3000 == 0
+    assert [baselines.bsa_lr_scale(i) for i in (0, 2998, 2999, 5998, 5999, 8999, 9999)] == pytest.approx(
+        [1, 1, 0.2, 0.2, 0.04, 0.008, 0.008])
 
 
 def test_bsa_trains_only_scale_shift_and_latents_and_resumes_bit_for_bit(setup):
@@ -218,7 +285,7 @@ def test_demo_mode_and_default_run_folder(tmp_path, monkeypatch):
     args = baselines.parse_args(["--baseline", "ewc"])
     assert args.demo and args.iter == 1500 and args.batch == 4 and args.out == "runs/ewc-demo"
     args = baselines.parse_args(["--baseline", "bsa", "--iter", "7"])
-    assert args.iter == 7 and args.batch == 5 and args.lr == 0.0005 and args.out == "runs/bsa-demo"
+    assert args.iter == 7 and args.batch == 25 and args.lr == 0.03 and args.bsa_latent_lr == 0.03 and args.out == "runs/bsa-demo"
 
 
 def test_bad_input_one_line_errors(setup, tmp_path):
