@@ -11,7 +11,10 @@ direction, the prompts and the shared start-up are difa.py's. As rinongal/StyleG
     w+_0 = G_A.mapping(z) repeated over the L W+ layers, z: auto_layer_batch fresh samples
     w+   = auto_layer_iters steps of SGD (lr 0.01) on L_sel(w+) = sum_m c_m mean_b 1 - cos(E_m(G_B(w+)), t_m)
            (t_m: unit embedding of the raw target text, no template, as NADA; for an image target the
-            re-normalised mean reference embedding, as the release's global_clip_loss with a target image)
+            re-normalised mean reference embedding, as DiFa's release's global_clip_loss with a target image.
+            Declared difference: NADA's own code aims the selection at the --target_class text even with
+            image references, "cat" by default when its README's image command leaves that flag out; no
+            effect at the default k = all layers, where every layer trains whatever the selection says)
     train only the auto_layer_k layers of largest mean_{b,d} |w+ - w+_0|, W+ index l -> NADA's list
     [conv1, to_rgb1, convs[0], convs[1], ...] (which is one off from the layer that reads w+_l; kept);
     the other layers get zero gradients (torch 1.7's zero_grad, as in the release: with Adam's beta1 = 0
