@@ -71,6 +71,7 @@ from pretrained import (E4E_FILE, clip_input, default_e4e_path, e4e_input, load_
 from checkpoints import load_checkpoint
 
 MEAN_LATENT_SAMPLES = 4096  # z samples for the truncation centre (release: mean_latent(4096))
+DEMO_REFERENCE = os.path.join(runtime.DEMO_DIR, "targets", "sunglasses", "00.png")  # `python difa.py`: one toy face with sunglasses
 # NADA's text templates: imagenet_templates of rinongal/StyleGAN-nada ZSSGAN/utils/text_templates.py (CLIP's ImageNet
 # prompts), the ones its compute_text_direction fills with the source and target texts (and DiFa's release with them;
 # NADA's part_templates serve only its patch loss, lambda_patch 0, not used)
@@ -165,7 +166,9 @@ def parse_args(argv=None):
             raise UserError("--target-text and --target are exclusive: a run adapts to a text or to reference images")
         if first.source is not None:
             parser.set_defaults(target=text_slug(first.target_text))  # stands in for --target, which a run with --source needs
-    args = runtime.parse_args_or_demo(parser, argv, "difa", target=os.path.join(runtime.DEMO_TARGET, "00.png"), path_options=("clip_weights", "e4e", "clip_vocab"),
+    # the demo's one reference: a toy face with sunglasses, a style the 16-px toy CLIP can see (it reads a whitened face
+    # as a pencil sketch, so from a sketch DiFa and NADA whiten instead of drawing lines; docs/demo-and-testbed.md)
+    args = runtime.parse_args_or_demo(parser, argv, "difa", target=DEMO_REFERENCE, path_options=("clip_weights", "e4e", "clip_vocab"),
                                      iter=301, clip_mean_samples=1000,
                                      # the demo's own CLIP and e4e, trained on toy faces (demo/toyclip.py, demo/toye4e.py)
                                      clip_models="toy", clip_weights=os.path.join(runtime.DEMO_DIR, "toyclip.pt"), clip_model_weights="1.0",

@@ -169,7 +169,8 @@ def test_no_source_and_target_means_the_demo(capsys, tmp_path, monkeypatch):
             module.parse_args(["--source", runtime.DEMO_SOURCE])
         assert not module.parse_args(["--source", runtime.DEMO_SOURCE, "--target", runtime.DEMO_TARGET]).demo
     args = difa.parse_args([])
-    assert args.demo and os.path.isfile(args.target) and args.psp_model_weight > 0  # the toy e4e is on
+    assert args.demo and args.target == os.path.join(runtime.DEMO_DIR, "targets", "sunglasses", "00.png")  # a style the toy CLIP sees
+    assert os.path.isfile(args.target) and args.psp_model_weight > 0  # the toy e4e is on
     assert args.clip_models == ["toy"] and args.clip_paths == [os.path.join(runtime.DEMO_DIR, "toyclip.pt")]
 
 
