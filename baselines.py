@@ -184,6 +184,9 @@ def parse_args(argv=None):
                         help="lambda_per, weight of LPIPS-VGG (default 1: our choice; the official L1 of raw VGG16 activations uses 0.001)")
     parser.add_argument("--bsa-emd", type=float, default=0.1, help="lambda_emd, weight of the latents' EMD to N(0, I) (default 0.1: official l_emd)")
     parser.add_argument("--bsa-reg", type=float, default=0.02, help="lambda_re, weight of |gamma - 1|^2 + |beta|^2 (default 0.02: official l_re)")
+    parser.add_argument("--lpips-net", choices=["vgg", "toy"], default="vgg",
+                        help="the perceptual distance: vgg, LPIPS-VGG (default: our choice, as rssa.py; needs torchvision's VGG16 weights) "
+                             "or toy, the demo's toy network (demo/toynet.py, LPIPS-style; the demo's default)")
     parser.add_argument("--lpips-random-backbone", action="store_true", help="tests only: LPIPS with a randomly initialised VGG instead of the pretrained one")
     # SHARED: StyleGAN2 regularisers, as rosinality / CDC's official code
     parser.add_argument("--r1", type=float, default=10, help="R1 weight gamma (default 10: official code)")
@@ -195,7 +198,7 @@ def parse_args(argv=None):
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present; "
                              "minegan never loads them, as MineGAN's official train.py)")
-    args = runtime.parse_args_or_demo(parser, argv, "baselines", run_name=lambda a: a.baseline, **runtime.DEMO_SCHEDULE)
+    args = runtime.parse_args_or_demo(parser, argv, "baselines", run_name=lambda a: a.baseline, **runtime.DEMO_SCHEDULE, lpips_net="toy")
     defaults = BSA_DEFAULTS if args.baseline == "bsa" else GAN_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -888,7 +891,7 @@ def train_bsa(args):
                                   {"params": [latents], "lr": args.bsa_latent_lr}])  # Chainer's Adam defaults (0.9, 0.999, 1e-8)
     base_lrs = [group["lr"] for group in bsa_optim.param_groups]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        lpips_fn = common.load_lpips("vgg", device, random_backbone=args.lpips_random_backbone) if args.bsa_perceptual > 0 else None
+        lpips_fn = common.load_lpips(args.lpips_net, device, random_backbone=args.lpips_random_backbone) if args.bsa_perceptual > 0 else None
     # the unchanged source G and D are stored with the result, so it stays a full rosinality checkpoint
     g_optim = common.make_adam(generator.parameters(), args.lr, 0)
     d_optim = common.make_adam(discriminator.parameters(), args.lr, 0)

@@ -344,11 +344,18 @@ def load_lpips(net="vgg", device="cpu", random_backbone=False):
     Its linear calibration layers ship with the package. The ImageNet backbone comes from torchvision the
     standard way (torch hub's cache, downloaded there on first use); when it is neither cached nor
     downloadable, a one-line UserError says which file to put where. random_backbone=True builds a randomly
-    initialised backbone instead: for tests only, never a silent fallback.
+    initialised backbone instead: for tests only, never a silent fallback. net="toy" is the demo's stand-in, an
+    LPIPS-style distance on the toy network's features (demo/toynet.py ToyPerceptual), said when it loads.
     """
     import warnings
 
     import lpips
+
+    if net == "toy":
+        from demo.toynet import load_toy_perceptual
+
+        print("perceptual distance: the demo's toy network (demo/toynet.py), LPIPS-style, in place of LPIPS-VGG")
+        return load_toy_perceptual(device)
 
     if net not in LPIPS_BACKBONE_FILES:
         raise UserError(f"unknown LPIPS network {net!r} (use {', '.join(LPIPS_BACKBONE_FILES)})")

@@ -38,16 +38,22 @@ feature extraction across the processes and print the numbers of the single-proc
 
 Pretrained weights come the standard way (torch hub cache: pytorch-fid's `pt_inception-2015-12-05-*.pth`,
 torchvision's Inception-v3 and VGG16); when missing and not downloadable the command stops with one line
-saying which file to put where. `--random-weights` builds the same networks randomly initialised, for tests only.
+saying which file to put where. `--random-weights` builds the same networks randomly initialised, for tests only;
+every number they compute is printed with "(random Inception)" or "(random VGG)" in its name.
+
+A Ctrl-C ends any command with one line on stderr, what was finished when that is known (the pictures written so
+far stay, never half-written), and exit status 130.
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import math
 import os
 import random
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -128,6 +134,11 @@ def load_is_inception(device, random_weights=False, command="is"):
     except Exception as error:
         raise _weights_error(command, "torchvision's ImageNet Inception-v3 weights", "inception_v3_google-0cc3c7bd.pth", error) from None
     return model.eval().requires_grad_(False).to(device)
+
+
+def random_label(args, network):
+    """' (random VGG)' after the name of a number computed by `network` when --random-weights randomised it, else ''."""
+    return f" (random {network})" if args.random_weights else ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,11 +443,45 @@ def interpolation_frames(source, adapted, keyframes, steps, truncation, w_avg, n
     return frames
 
 
+def write_atomically(path, write):
+    """write(file) into a temporary file next to `path`, then a rename: a Ctrl-C or a crash never leaves a
+    half-written picture."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{os.path.basename(path)}.partial")
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+
+
+def write_png(path, image):
+    """uint8 image [3, H, W] as a PNG, atomically."""
+    from PIL import Image
+
+    write_atomically(path, lambda f: Image.fromarray(image.permute(1, 2, 0).numpy()).save(f, format="PNG"))
+
+
 def save_gif(path, frames, duration_ms=100):
     from PIL import Image
 
     images = [Image.fromarray(f.permute(1, 2, 0).numpy()) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    write_atomically(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                                                    duration=duration_ms, loop=0))
+
+
+@contextlib.contextmanager
+def interrupt_says(finished):
+    """A Ctrl-C inside the block ends the command with `interrupted: <finished()>` (main prints it), e.g. how many
+    files were written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(finished()) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -694,7 +739,7 @@ def save_codes(path, names, codes):
 
 def save_strip(path, images, nrow):
     """uint8 images [N, 3, H, W] as a grid of nrow columns."""
-    runtime.save_png(path, runtime.image_grid(images.float() / 127.5 - 1, nrow))
+    write_png(path, runtime.image_grid(images.float() / 127.5 - 1, nrow))
 
 
 # The StyleGAN paper's coarse / middle / fine styles: 4^2-8^2, 16^2-32^2, 64^2 and up, two W+ slots per
@@ -851,7 +896,7 @@ def cmd_fid(args, device):
         source = f"{len(feats)} samples of {args.ckpt}"
     mu_f, sigma_f = feature_statistics(feats)
     fid = frechet_distance(mu_f, sigma_f, mu_r, sigma_r)
-    print(f"FID {fid:.4f}  ({source} vs {n_real} real images in {args.real})")
+    print(f"FID{random_label(args, 'Inception')} {fid:.4f}  ({source} vs {n_real} real images in {args.real})")
     if n_real < 1000:
         print(f"note: {n_real} real images; FID is biased upwards for small sets (the papers use 5000 generated images)")
     return fid
@@ -873,7 +918,7 @@ def real_and_generated_features(args, device, command):
 def cmd_kid(args, device):
     feats_real, feats_fake = real_and_generated_features(args, device, "kid")
     mean, std = kernel_inception_distance(feats_real, feats_fake, args.subsets, args.subset_size, args.seed)
-    print(f"KID {mean:.6f} +- {std:.6f}  ({len(feats_fake)} samples vs {len(feats_real)} real images)")
+    print(f"KID{random_label(args, 'Inception')} {mean:.6f} +- {std:.6f}  ({len(feats_fake)} samples vs {len(feats_real)} real images)")
     return mean, std
 
 
@@ -882,7 +927,8 @@ def cmd_is(args, device):
     g = load_generator(args.ckpt, device)
     images = list(generate(g, latents(args.n, g.style_dim, args.seed, device), args.batch, progress="generating"))
     mean, std = inception_score(inception_probabilities(model, images, args.batch, device, args.resize), args.splits)
-    print(f"IS {mean:.4f} +- {std:.4f}  ({len(images)} samples, {args.splits} splits, {'299 px' if args.resize else 'native size'})")
+    print(f"IS{random_label(args, 'Inception')} {mean:.4f} +- {std:.4f}  ({len(images)} samples, {args.splits} splits, "
+          f"{'299 px' if args.resize else 'native size'})")
     return mean, std
 
 
@@ -895,9 +941,9 @@ def cmd_iclpips(args, device):
     mean, std, per_cluster, counts = intra_cluster_lpips(model, generated, assignment, len(centers), device,
                                                          args.cluster_size, args.seed)
     small = sum(c < 2 for c in counts)
-    print(f"IC-LPIPS {mean:.4f} +- {std:.4f}  ({len(generated)} samples, {len(centers)} clusters, "
+    print(f"IC-LPIPS{random_label(args, 'VGG')} {mean:.4f} +- {std:.4f}  ({len(generated)} samples, {len(centers)} clusters, "
           f"{small} with fewer than 2 members, excluded)")
-    print("cluster sizes: " + " ".join(str(c) for c in counts))
+    print(f"cluster sizes{random_label(args, 'VGG')}: " + " ".join(str(c) for c in counts))
     return mean, std, counts
 
 
@@ -927,14 +973,14 @@ def cmd_compare(args, device):
             centers = common.ImageFolder(args.train, load_generator(path, "cpu").size).images
         rows.append({"method": name, **metrics_for(path, args, device, real, fid_model, lpips_model if args.train else None,
                                                    centers, is_model, real_feats, pairing)})
-    table = markdown_table(rows)
-    print(table)
+    labels = random_columns(args)
+    print(markdown_table(rows, labels))
     if runtime.is_main():
         with open(args.csv, "w", newline="") as f:
-            columns = list(dict.fromkeys(k for row in rows for k in row))
-            writer = csv.DictWriter(f, fieldnames=columns)
+            named = [{k + labels.get(k, ""): v for k, v in row.items()} for row in rows]
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in named for k in row)))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(named)
     print(f"wrote {args.csv}")
     return rows
 
@@ -952,10 +998,24 @@ TABLE_COLUMNS = (
 )
 
 
-def markdown_table(rows):
-    """| method | FID | IC-LPIPS | IS | ... with the columns that were computed."""
+def random_columns(args):
+    """{result key: ' (random Inception)' or ' (random VGG)'} for compare's numbers computed by a network that
+    --random-weights randomised; {} without it."""
+    if not args.random_weights:
+        return {}
+    networks = {**dict.fromkeys(("fid", "density", "coverage", "is", "is_std"), "Inception"),
+                **dict.fromkeys(("ic_lpips", "ic_lpips_std", "small_clusters", "pair_lpips"), "VGG")}
+    if not args.identity:
+        networks["pair_cosine"] = "Inception"
+    return {key: f" (random {network})" for key, network in networks.items()}
+
+
+def markdown_table(rows, labels=None):
+    """| method | FID | IC-LPIPS | IS | ... with the columns that were computed; labels: {result key: text after its
+    header} (random_columns)."""
+    labels = labels or {}
     columns = [c for c in TABLE_COLUMNS if any(c[0] in r for r in rows)]
-    header = ["method"] + [c[1] for c in columns]
+    header = ["method"] + [c[1] + labels.get(c[0], "") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([r["method"]] + [cell(r) for _, _, cell in columns]) + " |")
@@ -970,7 +1030,7 @@ def cmd_grid(args, device):
     w_avg = source_mean_latent(source, args.truncation, device)
     noise = fixed_noise(source)  # one noise for all rows
     grid = correspondence_grid(models, z, args.truncation, w_avg, noise)
-    runtime.save_png(args.out, grid)
+    write_png(args.out, grid)
     print(f"wrote {args.out} ({len(models)} rows: source, {', '.join(args.ckpt)})")
 
 
@@ -985,25 +1045,27 @@ def cmd_interpolate(args, device):
 
 
 def cmd_export(args, device):
-    from PIL import Image
-
     g = load_generator(args.ckpt, device)
     source = load_generator(args.source, device) if args.source else g
     w_avg = source_mean_latent(source, args.truncation, device)
     z = latents(args.n, g.style_dim, args.seed, device)
     os.makedirs(args.out, exist_ok=True)
-    for start in tqdm(range(0, args.n, args.batch), desc="exporting"):
-        images = generate(g, z[start : start + args.batch], args.batch, args.truncation, w_avg)
-        for k, image in enumerate(images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(args.out, f"{start + k:06d}.png"))
+    written = 0
+    with interrupt_says(lambda: f"{written} of {args.n} images written to {args.out}"):
+        for start in tqdm(range(0, args.n, args.batch), desc="exporting"):
+            images = generate(g, z[start : start + args.batch], args.batch, args.truncation, w_avg)
+            for image in images:
+                write_png(os.path.join(args.out, f"{written:06d}.png"), image)
+                written += 1
     print(f"wrote {args.n} images to {args.out}")
 
 
 def cmd_density_coverage(args, device):
     feats_real, feats_fake = real_and_generated_features(args, device, "density-coverage")
     density, coverage = density_coverage(feats_real, feats_fake, args.k)
-    print(f"density {density:.4f}  coverage {coverage:.4f}  ({len(feats_fake)} samples vs {len(feats_real)} real images, k = {args.k}, "
-          f"Inception features {args.dims})")
+    label = random_label(args, "Inception")
+    print(f"density{label} {density:.4f}  coverage{label} {coverage:.4f}  ({len(feats_fake)} samples vs {len(feats_real)} real "
+          f"images, k = {args.k}, Inception features {args.dims})")
     return density, coverage
 
 
@@ -1013,7 +1075,9 @@ def cmd_pair(args, device):
     identity_net, inception, feature_name = feature_network(args, device, "pair")
     images_a, images_b = paired_samples(g_a, g_b, args.n, args.batch, args.seed, device)
     result = pair_metrics(images_a, images_b, lpips_model, args.batch, device, identity_net, inception)
-    print(f"LPIPS {result['pair_lpips']:.4f}  MSE {result['pair_mse']:.5f}  cosine {result['pair_cosine']:.4f}  "
+    cosine_label = "" if args.identity else random_label(args, "Inception")
+    print(f"LPIPS{random_label(args, 'VGG')} {result['pair_lpips']:.4f}  MSE {result['pair_mse']:.5f}  "
+          f"cosine{cosine_label} {result['pair_cosine']:.4f}  "
           f"({args.n} pairs: the same z and noise through {args.a} and {args.b}; LPIPS-VGG at their own size, MSE on [-1, 1], "
           f"cosine of the {feature_name})")
     return result
@@ -1037,8 +1101,8 @@ def cmd_invert(args, device):
     runtime.save_comparison_grid(path, photos.float() / 127.5 - 1, recon.float() / 127.5 - 1)
     print(f"wrote {path} (photos left, reconstructions right)")
     how = f"e4e {args.e4e}" if args.e4e else f"{args.steps} optimisation steps"
-    print(f"reconstruction LPIPS {lpips_recon.mean():.4f} ({how}); a random code's {lpips_random.mean():.4f} "
-          f"(LPIPS-VGG{', random backbone' if args.random_weights else ''}, mean over {len(names)} images)")
+    print(f"reconstruction LPIPS{random_label(args, 'VGG')} {lpips_recon.mean():.4f} ({how}); a random code's "
+          f"{lpips_random.mean():.4f} (LPIPS-VGG, mean over {len(names)} images)")
     return {"names": names, "codes": codes.cpu(), "lpips": lpips_recon, "lpips_random": lpips_random}
 
 
@@ -1050,11 +1114,14 @@ def cmd_translate(args, device):
     files, photos = read_photos(args.images, source.size)
     codes = photo_codes(args, source, files, photos, device)  # [N, L, D]
     noise = fixed_noise(source)
-    columns = [photos, render_codes(source, codes, noise)] + [render_codes(g, codes, noise) for g in models]  # each [N, 3, S, S]
-    for k, file in enumerate(files):
-        stem = os.path.splitext(file)[0]
-        for name, images in zip(["source", *names], columns[1:]):
-            runtime.save_png(os.path.join(args.out, f"{stem}_{name}.png"), images[k])
+    rows = []  # per photo: the photo, its source reconstruction and the K adapted renders, each [3, S, S]
+    with interrupt_says(lambda: f"{len(rows)} of {len(files)} photos written to {args.out}"):
+        for file, photo, code in zip(files, photos, codes):
+            renders = [render_codes(g, code[None], noise)[0] for g in [source, *models]]
+            for name, image in zip(["source", *names], renders):
+                write_png(os.path.join(args.out, f"{os.path.splitext(file)[0]}_{name}.png"), image)
+            rows.append([photo, *renders])
+    columns = [torch.stack(column) for column in zip(*rows)]  # each [N, 3, S, S]
     grid = torch.stack(columns, 1).flatten(0, 1)  # [N (2 + K), 3, S, S], one row per photo
     path = os.path.join(args.out, "translation.png")
     save_strip(path, grid, len(columns))
@@ -1073,12 +1140,12 @@ def cmd_edit(args, device):
     codes = photo_codes(args, source, files, photos, device)  # [N, L, D]
     noise = fixed_noise(source)
     strips = []
-    for file, code in zip(files, codes):
-        edited = edited_codes(code, direction, args.strength, slots)  # [S, L, D]
-        strip = torch.cat([render_codes(g, edited, noise) for g in [source, *models]])  # [(1 + K) S, 3, H, W]
-        path = os.path.join(args.out, f"{os.path.splitext(file)[0]}_edit.png")
-        save_strip(path, strip, len(args.strength))
-        strips.append(strip)
+    with interrupt_says(lambda: f"{len(strips)} of {len(files)} strips written to {args.out}"):
+        for file, code in zip(files, codes):
+            edited = edited_codes(code, direction, args.strength, slots)  # [S, L, D]
+            strip = torch.cat([render_codes(g, edited, noise) for g in [source, *models]])  # [(1 + K) S, 3, H, W]
+            save_strip(os.path.join(args.out, f"{os.path.splitext(file)[0]}_edit.png"), strip, len(args.strength))
+            strips.append(strip)
     print(f"wrote {len(files)} strips to {args.out} (rows: source, {', '.join(names)}; columns: strengths "
           f"{' '.join(f'{s:g}' for s in args.strength)} in {unit}; W+ slots {args.layers})")
     return strips
@@ -1090,17 +1157,22 @@ def check_sizes(models):
         raise UserError(f"the generators have different resolutions ({sorted(sizes)})")
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line: one subparser per command."""
     parser = argparse.ArgumentParser(description="Metrics and pictures for adapted generators")
     sub = parser.add_subparsers(dest="command", required=True)
+    device_help = "auto, cpu or cuda (default: auto, cuda when available)"
+    ckpt_help = "checkpoint whose g_ema generates --n images"
 
     def common_opts(p, n_default):
         p.add_argument("--n", type=int, default=n_default, help=f"generated images (default {n_default})")
         p.add_argument("--batch", type=int, default=50, help="batch size (default 50: pytorch-fid's)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the latents and of every random choice")
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-        p.add_argument("--random-weights", action="store_true", help="randomly initialised networks: tests only, numbers meaningless")
-        p.add_argument("--cache-dir", default=CACHE_DIR, help="where real-set FID statistics are cached")
+        p.add_argument("--seed", type=int, default=0, help="seed of the latents and of every random choice (default 0)")
+        p.add_argument("--device", default="auto", help=device_help)
+        p.add_argument("--random-weights", action="store_true",
+                       help="randomly initialised networks: tests only, numbers meaningless and labelled '(random Inception)' "
+                            "or '(random VGG)' (default: pretrained)")
+        p.add_argument("--cache-dir", default=CACHE_DIR, help=f"where real-set FID statistics are cached (default {CACHE_DIR})")
         p.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048],
                        help="Inception features for FID/KID (default 2048: pool3, the papers'; as pytorch-fid's --dims)")
 
@@ -1108,87 +1180,90 @@ def parse_args(argv=None):
     common_opts(p, 5000)
     p.add_argument("--real", required=True, help="folder of real target images")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--ckpt", help="checkpoint whose g_ema generates --n images")
+    group.add_argument("--ckpt", help=ckpt_help)
     group.add_argument("--fake", help="or a folder of generated images")
 
     p = sub.add_parser("kid", help="Kernel Inception Distance against a folder of real images")
     common_opts(p, 5000)
-    p.add_argument("--real", required=True)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--real", required=True, help="folder of real target images")
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
     p.add_argument("--subsets", type=int, default=100, help="subsets (default 100: torch-fidelity's)")
     p.add_argument("--subset-size", type=int, default=1000, help="subset size, capped by both set sizes (default 1000)")
 
     p = sub.add_parser("is", help="Inception Score (10 splits)")
     common_opts(p, 5000)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
     p.add_argument("--splits", type=int, default=10, help="splits (default 10)")
     p.add_argument("--resize", action="store_true", help="resize to 299 px (default: native size, as RSSA's and the progressive paper's scripts)")
 
     p = sub.add_parser("iclpips", help="intra-cluster LPIPS (CDC)")
     common_opts(p, 1000)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
     p.add_argument("--train", required=True, help="folder of the training (few-shot) images: the cluster centres")
     p.add_argument("--cluster-size", type=int, default=50, help="members per cluster used (default 50: official feat_cluster.py)")
 
     p = sub.add_parser("density-coverage", help="density and coverage (Naeem et al. 2020) against a folder of real images")
     common_opts(p, 5000)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
     p.add_argument("--real", required=True, help="folder of real target images")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours of the real balls (default 5: Naeem et al., CDC's supplement)")
 
     p = sub.add_parser("pair", help="the same z and noise through two generators: LPIPS, MSE, feature cosine")
     common_opts(p, 1000)
-    p.add_argument("--a", required=True, help="first checkpoint")
-    p.add_argument("--b", required=True, help="second checkpoint")
+    p.add_argument("--a", required=True, help="first checkpoint (its g_ema)")
+    p.add_argument("--b", required=True, help="second checkpoint (its g_ema)")
     p.add_argument("--identity", help="ArcFace IR-SE50 weights (model_ir_se50.pth) for the cosine (default: Inception pool3 "
                                       "features, or the block --dims selects)")
 
     p = sub.add_parser("compare", help="several checkpoints: Markdown table + CSV")
     common_opts(p, 5000)
-    p.add_argument("--ckpt", nargs="+", required=True)
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints, one table row each; each generates --n images")
     p.add_argument("--names", nargs="+", help="method names for the table (default: file names)")
-    p.add_argument("--real", help="real folder for FID (omit to skip FID)")
-    p.add_argument("--train", help="training folder for IC-LPIPS (omit to skip)")
+    p.add_argument("--real", help="folder of real target images for the FID column (default: no FID)")
+    p.add_argument("--train", help="folder of the training images for the IC-LPIPS column (default: no IC-LPIPS)")
     p.add_argument("--n-lpips", type=int, default=1000, help="generated images used for IC-LPIPS (default 1000: CDC)")
-    p.add_argument("--cluster-size", type=int, default=50)
-    p.add_argument("--no-is", action="store_true", help="skip the Inception Score")
-    p.add_argument("--splits", type=int, default=10)
-    p.add_argument("--resize", action="store_true")
+    p.add_argument("--cluster-size", type=int, default=50,
+                   help="members per cluster used for IC-LPIPS (default 50: official feat_cluster.py)")
+    p.add_argument("--no-is", action="store_true", help="skip the Inception Score (default: an IS column)")
+    p.add_argument("--splits", type=int, default=10, help="Inception Score splits (default 10)")
+    p.add_argument("--resize", action="store_true", help="Inception Score at 299 px (default: native size)")
     p.add_argument("--csv", default="results.csv", help="CSV output (default results.csv)")
-    p.add_argument("--density-coverage", action="store_true", help="density and coverage columns against --real")
+    p.add_argument("--density-coverage", action="store_true", help="density and coverage columns against --real (default: none)")
     p.add_argument("--k", type=int, default=5, help="nearest neighbours for density and coverage (default 5)")
-    p.add_argument("--pair-with", help="checkpoint each one is paired with (same z and noise): LPIPS, MSE and cosine columns")
-    p.add_argument("--identity", help="ArcFace IR-SE50 weights for the pair cosine (default: Inception pool3 features)")
+    p.add_argument("--pair-with", help="checkpoint each one is paired with (same z and noise): LPIPS, MSE and cosine columns "
+                                       "(default: none)")
+    p.add_argument("--identity", help="ArcFace IR-SE50 weights for the pair cosine (default: Inception pool3 features, or the "
+                                      "block --dims selects)")
 
     p = sub.add_parser("grid", help="correspondence grid: source and adapted generators, same z")
-    p.add_argument("--source", required=True)
-    p.add_argument("--ckpt", nargs="+", required=True)
+    p.add_argument("--source", required=True, help="source checkpoint: the first row, and the mean w of --truncation")
+    p.add_argument("--ckpt", nargs="+", required=True, help="adapted checkpoints, one row each")
     p.add_argument("--n", type=int, default=8, help="columns (default 8)")
     p.add_argument("--truncation", type=float, default=1.0, help="psi, around the source's mean w (default 1: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="grid.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the columns' z (default 0)")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
 
     p = sub.add_parser("interpolate", help="GIF of straight lines in Z, source | adapted")
-    p.add_argument("--source", required=True)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--source", required=True, help="source checkpoint: the frames' left half, and the mean w of --truncation")
+    p.add_argument("--ckpt", required=True, help="adapted checkpoint: the frames' right half")
     p.add_argument("--keyframes", type=int, default=5, help="fixed z visited in a loop (default 5)")
     p.add_argument("--steps", type=int, default=40, help="frames between keyframes (default 40: CDC's generate.py)")
     p.add_argument("--duration", type=int, default=100, help="ms per frame (default 100)")
-    p.add_argument("--truncation", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="interpolation.gif")
+    p.add_argument("--truncation", type=float, default=1.0, help="psi, around the source's mean w (default 1: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keyframes' z (default 0)")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--out", default="interpolation.gif", help="output GIF (default interpolation.gif)")
 
     p = sub.add_parser("export", help="write N generated images as PNGs")
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help="checkpoint whose g_ema generates the images")
     p.add_argument("--source", help="source checkpoint for the truncation mean (default: the checkpoint itself)")
-    p.add_argument("--n", type=int, default=5000)
-    p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--truncation", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=5000, help="images (default 5000)")
+    p.add_argument("--batch", type=int, default=50, help="batch size (default 50)")
+    p.add_argument("--truncation", type=float, default=1.0, help="psi, around the mean w (default 1: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents and the noise (default 0)")
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--out", required=True, help="output folder (000000.png, 000001.png, ...)")
 
     def photo_opts(p, out):
         p.add_argument("--source", required=True, help="source checkpoint: the photos are inverted into its W+")
@@ -1197,11 +1272,14 @@ def parse_args(argv=None):
         p.add_argument("--out", default=out, help=f"output folder (default {out})")
         p.add_argument("--steps", type=int, default=4001, help="optimisation steps (default 4001: RSSA's inversion)")
         p.add_argument("--lr", type=float, default=0.1, help="Adam lr, halved every 1000 steps (default 0.1: RSSA's inversion)")
-        p.add_argument("--e4e", help="invert with this e4e encoder (e4e_ffhq_encode.pt) instead of optimisation")
+        p.add_argument("--e4e", help="invert with this e4e encoder (e4e_ffhq_encode.pt) instead of optimisation "
+                                     "(default: RSSA's optimisation, --steps and --lr)")
         p.add_argument("--batch", type=int, default=8, help="photos inverted together (default 8)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="auto")
-        p.add_argument("--random-weights", action="store_true", help="LPIPS with a random VGG: tests only")
+        p.add_argument("--seed", type=int, default=0, help="seed of the inversion's start (the source's mean w) and of "
+                                                           "invert's random comparison codes (default 0)")
+        p.add_argument("--device", default="auto", help=device_help)
+        p.add_argument("--random-weights", action="store_true",
+                       help="LPIPS with a random VGG: tests only, its numbers labelled '(random VGG)' (default: pretrained)")
 
     def adapted_opts(p):
         p.add_argument("--ckpt", nargs="+", required=True, help="adapted checkpoints")
@@ -1224,9 +1302,12 @@ def parse_args(argv=None):
     p.add_argument("--strength", type=float, nargs="+", default=[-3, -1.5, 0, 1.5, 3], help="strengths, one column each (default -3 -1.5 0 1.5 3)")
     p.add_argument("--layers", default="all", help="W+ slots that move: all (default), coarse (0-3), middle (4-7), fine (8-) or e.g. 0-3,5")
     p.add_argument("--pca-samples", type=int, default=100000, help="mapped samples for GANSpace (default 100000; cached)")
-    p.add_argument("--cache-dir", default=CACHE_DIR, help="where GANSpace components are cached")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help=f"where GANSpace components are cached (default {CACHE_DIR})")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     for name in ("n", "batch", "steps", "keyframes", "splits", "subsets", "subset_size", "cluster_size", "n_lpips", "k",
                  "pca_samples"):
         if getattr(args, name, 1) < 1:
@@ -1245,15 +1326,24 @@ SHARDED_COMMANDS = ("fid", "kid", "is", "iclpips", "density-coverage", "pair", "
 
 
 def main(argv=None):
+    """Runs one subcommand. A Ctrl-C: one line `interrupted[: what was finished]` on stderr and SystemExit(130); the
+    files written until then stay."""
     args = parse_args(argv)
     if runtime.world_size() > 1 and args.command not in SHARDED_COMMANDS:
         raise UserError(f"evaluate.py {args.command} runs in one process (python evaluate.py ...); under torchrun: {', '.join(SHARDED_COMMANDS)}")
-    device = runtime.init_device(args.device)
-    torch.manual_seed(getattr(args, "seed", 0))
     handlers = {"fid": cmd_fid, "kid": cmd_kid, "is": cmd_is, "iclpips": cmd_iclpips, "compare": cmd_compare,
                 "grid": cmd_grid, "interpolate": cmd_interpolate, "export": cmd_export, "pair": cmd_pair,
                 "density-coverage": cmd_density_coverage, "invert": cmd_invert, "translate": cmd_translate, "edit": cmd_edit}
-    return handlers[args.command](args, device)
+    try:
+        device = runtime.init_device(args.device)
+        torch.manual_seed(getattr(args, "seed", 0))
+        return handlers[args.command](args, device)
+    except KeyboardInterrupt as interrupt:
+        for bar in list(tqdm._instances):  # an open progress bar ends its line first
+            bar.close()
+        if runtime.is_main():
+            print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

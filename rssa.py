@@ -149,6 +149,9 @@ def parse_args(argv=None):
                         help="nearest: the raw file stretched to the generator size, official code (default); "
                              "training: the training images (LANCZOS, centre crop) (fix)")
     parser.add_argument("--reinvert", action="store_true", help="recompute the cached target codes (<out>/target_codes.pt)")
+    parser.add_argument("--lpips-net", choices=["vgg", "toy"], default="vgg",
+                        help="the inversion's perceptual distance: vgg, LPIPS-VGG (default: official code; needs torchvision's VGG16 "
+                             "weights) or toy, the demo's toy network (demo/toynet.py, LPIPS-style; the demo's default)")
     parser.add_argument("--lpips-random-backbone", action="store_true",
                         help="tests only: LPIPS with a randomly initialised VGG instead of the pretrained one")
     # METHOD: relaxed realism (anchors + patch discriminator), as CDC
@@ -173,7 +176,7 @@ def parse_args(argv=None):
     parser.add_argument("--ignore-source-optim", action="store_true",
                         help="start Adam from zero moments instead of the source run's g_optim/d_optim (official CDC code: loaded when present)")
     parser.set_defaults(iter=None)  # None: the preset's
-    args = runtime.parse_args_or_demo(parser, argv, "rssa", **runtime.DEMO_SCHEDULE, invert_steps=500)
+    args = runtime.parse_args_or_demo(parser, argv, "rssa", **runtime.DEMO_SCHEDULE, invert_steps=500, lpips_net="toy")
     preset = PRESETS[args.preset]
     args.iter = preset.iters if args.iter is None else args.iter
     args.blend = args.blend or preset.blend
@@ -452,10 +455,11 @@ def target_codes(args, g, dataset, run, device):
     path = os.path.join(run.root, "target_codes.pt")
     names = [os.path.basename(f) for f in dataset.files]
     settings = {"steps": args.invert_steps, "lr": args.invert_lr, "resize": args.invert_resize,
-                "lpips_random_backbone": args.lpips_random_backbone, "size": g.size, "style_dim": g.style_dim}
+                "lpips_random_backbone": args.lpips_random_backbone, "size": g.size, "style_dim": g.style_dim,
+                "lpips_net": args.lpips_net}
     if os.path.exists(path) and not args.reinvert:
         cache = read_checkpoint(path)
-        if cache["files"] != names or cache["settings"] != settings:
+        if cache["files"] != names or dict({"lpips_net": "vgg"}, **cache["settings"]) != settings:  # older caches: vgg
             raise UserError(f"{path} holds codes of other images or settings ({cache['settings']}); use --reinvert")
         print(f"using the cached target codes {path}")
         return cache["codes"].to(device)
@@ -466,7 +470,7 @@ def target_codes(args, g, dataset, run, device):
     print(f"inverting {len(names)} target images into W+ ({args.invert_steps} steps)")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed)
-        lpips_fn = common.load_lpips("vgg", device, random_backbone=args.lpips_random_backbone)
+        lpips_fn = common.load_lpips(args.lpips_net, device, random_backbone=args.lpips_random_backbone)
         w_avg = common.mean_w(g)  # [D], drawn once for every chunk
         chunk = args.invert_batch or len(images)
         parts = [common.invert_wplus(g, images[k:k + chunk], lpips_fn, args.invert_steps, args.invert_lr, w_avg)  # the official inversion

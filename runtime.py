@@ -40,11 +40,35 @@ def run_main(main, argv=None):
     except (UserError, CheckpointError) as error:
         print(f"error: {error}" if is_main() else f"error (rank {rank()}): {error}", file=sys.stderr)
         sys.exit(2)
+    except (RuntimeError, ImportError, AttributeError) as error:
+        message = broken_torchvision(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     except SystemExit:
         end_processes()
         raise
     end_processes()
     return result
+
+
+def broken_torchvision(error):
+    """The one-line message for an error raised by importing a torchvision build that does not match torch (e.g.
+    "operator torchvision::nms does not exist", the usual result of installing the two from different indexes),
+    or None for any other error. torchvision is imported lazily in several places; every entry point passes here."""
+    text = str(error).strip()
+    if "torchvision" not in text and "torchvision" not in str(getattr(error, "name", "")):
+        return None
+    try:
+        from importlib.metadata import version
+
+        found = f"torchvision {version('torchvision')}"
+    except Exception:
+        found = "no torchvision"
+    torch_version = torch.__version__.split("+")[0]
+    return (f"{found} does not work with torch {torch.__version__} ({text.splitlines()[0][:100] if text else type(error).__name__}): "
+            f"install a matching pair from one index, e.g. pip install --force-reinstall torch=={torch_version} torchvision")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,17 +450,20 @@ def add_common_args(parser, origin="official code", **defaults):
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue a run from a checkpoint path, or with no value from the latest checkpoint of --out (or of the "
                              "default run folder); the run keeps its settings and its run folder (with --out DIR: continued in DIR, "
-                             "the original left untouched); --iter, --device, --precision, --sample-every and --save-every may change")
+                             "the original left untouched); --iter, --device, --precision, --sample-every, --save-every and --threads may change")
     parser.add_argument("--demo", action="store_true",
                         help="the demo's settings (toy-face source, the demo's toy networks and schedule) also with --target or --source "
                              "given, e.g. another toy target set (demo/testbed.py); without --source and --target the demo is the default")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an --out folder that holds an earlier run (its log, samples and checkpoints are deleted first)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of torch (default 0: torch's own, one per core); on a machine shared with other jobs or with "
+                             "few cores 1 is often several times faster (the same as OMP_NUM_THREADS=1)")
     return parser
 
 
 # options a resumed run may change; every other option keeps the value the run was started with
-RESUME_MAY_CHANGE = ("iter", "device", "precision", "sample_every", "save_every", "out", "resume", "overwrite")
+RESUME_MAY_CHANGE = ("iter", "device", "precision", "sample_every", "save_every", "out", "resume", "overwrite", "threads")
 
 
 def explicit_options(parser, argv):
@@ -546,7 +573,7 @@ def resume_args(parser, argv, args, method):
         if value != old:
             option = "--" + name.replace("_", "-")
             raise UserError(f"{option} {value} differs from the resumed run's {old}; a resumed run keeps its settings "
-                            "(only --iter, --device, --precision, --sample-every, --save-every, --out may change)")
+                            "(only --iter, --device, --precision, --sample-every, --save-every, --threads, --out may change)")
     run_folder = checkpoint_run_folder(path)
     if given.get("out") is None:
         if run_folder is None:
@@ -569,6 +596,8 @@ def check_common_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if getattr(args, "threads", 0) < 0:
+        raise UserError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
     if args.batch % world_size():
         raise UserError(f"--batch {args.batch} is the global batch, split across the {world_size()} processes: use a multiple of {world_size()}")
 
@@ -592,6 +621,8 @@ def finish_args(args):
         elif args.overwrite and is_main():
             clear_run(args.out)
     args.run_args["out"] = args.out
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     if args.demo and args.resume is None and is_main():
         print(f"demo: {args.demo_why}, so adapting {os.path.relpath(args.source)} with the demo's settings "
               f"to {os.path.relpath(args.target)} for {args.iter} iterations into {args.out} (README, 'Demo')", file=sys.stderr)
@@ -901,7 +932,7 @@ class Run(RunDir):
         """After iteration i: the losses ({name: tensor or float}, averaged over the processes under torchrun) to the
         progress bar and log.csv; the sample grids every --sample-every iterations, a checkpoint every --save-every;
         after a Ctrl-C a checkpoint, then exit status 130."""
-        losses = mean_over_processes({name: float(value) for name, value in losses.items()})
+        losses = mean_over_processes({name: float(value.detach() if torch.is_tensor(value) else value) for name, value in losses.items()})
         self.pbar.set_postfix_str(format_losses(losses))
         self.log.write(i, losses)
         if i % self.args.sample_every == 0:
@@ -911,7 +942,9 @@ class Run(RunDir):
         if any_process(self.interrupt.requested):
             path = self.save(i + 1)
             self._close()
-            print(f"stopped after iteration {i}; resume with: {resume_command(self.script, path)}")
+            done = f"{i + 1} iteration{'s' if i else ''} done"
+            print(f"stopped by Ctrl-C, {done} of {self.args.iter} (saved in {os.path.basename(path)}); resume with: "
+                  f"{resume_command(self.script, path)}")
             raise SystemExit(130)
 
     def finish(self):

@@ -81,6 +81,41 @@ def load_toynet(path=TOYNET_PATH, device="cpu"):
     return net.to(device).eval().requires_grad_(False)
 
 
+class ToyPerceptual(nn.Module):
+    """The demo's stand-in for LPIPS-VGG (RSSA's inversion and BSA's perceptual term in demo mode, where no VGG
+    weights are at hand): LPIPS's distance without its learned per-channel weights (the lpips package's lin=False),
+    on the toy network's three trunk stages (16, 8 and 4 px at 32-px input) in place of VGG's:
+        d(x, y) = sum_l mean_{h,w} sum_c (f_l(x) / |f_l(x)| - f_l(y) / |f_l(y)|)^2, |.| the norm over channels.
+    Called as an lpips.LPIPS model: images in [-1, 1], returns [B, 1, 1, 1]. The testbed scores with the same
+    network's embedding: a method that optimises this distance is checked by a relative of its own guide."""
+
+    STAGE_ENDS = (3, 7, 11)  # indices in ToyNet.trunk after each stage's second LeakyReLU
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def stages(self, images):
+        if images.shape[-1] != 32:
+            images = F.interpolate(images, size=(32, 32), mode="area")
+        features, h = [], images
+        for index, layer in enumerate(self.net.trunk):
+            h = layer(h)
+            if index in self.STAGE_ENDS:
+                features.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))  # unit norm over channels
+        return features
+
+    def forward(self, x, y):
+        # sum_l mean_{h,w} sum_c (f_l(x) - f_l(y))^2 of the unit-normalised features
+        return sum((a - b).pow(2).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+                   for a, b in zip(self.stages(x), self.stages(y)))  # [B, 1, 1, 1]
+
+
+def load_toy_perceptual(device="cpu"):
+    """ToyPerceptual on the shipped toy network (demo/toynet.pt), frozen, in eval mode."""
+    return ToyPerceptual(load_toynet(device=device)).eval()
+
+
 @torch.no_grad()
 def toy_outputs(net, images, batch=256):
     """(embeddings [N, 128], style probabilities [N, 3], standardised geometry [N, G]) of images [N, 3, H, W] in [-1, 1]."""

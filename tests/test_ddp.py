@@ -134,8 +134,8 @@ def test_two_processes_train_the_single_process_weights_and_write_once(runs, met
 def test_ctrl_c_in_one_process_stops_all_and_the_run_resumes_under_torchrun(runs):
     root, _, stdout, results = runs
     assert results["interrupted_exit"] == 130
-    # rank 1 saw the Ctrl-C during iteration 0; both stopped after iteration 1, and rank 0 printed the command
-    assert "stopped after iteration 1; resume with: torchrun --nproc_per_node 2 " in stdout
+    # rank 1 saw the Ctrl-C during iteration 0; both stopped after iteration 1 (2 done), and rank 0 printed the command
+    assert "stopped by Ctrl-C, 2 iterations done of " in stdout and "(saved in 000002.pt); resume with: torchrun --nproc_per_node 2 " in stdout
     straight = weights(root / "cdc" / "checkpoints" / "000004.pt")
     resumed = weights(root / "interrupted" / "checkpoints" / "000004.pt")
     for key in ("g", "g_ema", "d", "patch_head"):

@@ -69,12 +69,13 @@ def test_fid_statistics_equal_pytorch_fid(tmp_path):
     assert np.array_equal(again[0], mu_r) and np.array_equal(again[1], s_r)
 
 
-def test_fid_cli_self_is_zero_and_too_few_real_images(tmp_path):
+def test_fid_cli_self_is_zero_and_too_few_real_images(tmp_path, capsys):
     real = write_images(tmp_path / "real", 4)
     # --dims 64 keeps the matrix square root small; the 2048-d features are checked above
     fid = evaluate.main(["fid", "--fake", real, "--real", real, "--batch", "3", "--device", "cpu", "--random-weights",
                          "--dims", "64", "--cache-dir", str(tmp_path / "c")])
     assert abs(fid) < 1e-2
+    assert capsys.readouterr().out.startswith(f"FID (random Inception) {fid:.4f}  (")  # never taken for a real FID
     one = write_images(tmp_path / "one", 1)
     with pytest.raises(common.UserError, match="at least 2 real images"):
         evaluate.main(["fid", "--fake", real, "--real", one, "--device", "cpu", "--random-weights", "--cache-dir", str(tmp_path / "c")])
@@ -166,7 +167,7 @@ def test_iclpips_cli(ckpts, tmp_path, squeeze_lpips):
     assert sum(counts) == 6 and len(counts) == 3 and (np.isnan(mean) or mean >= 0)
 
 
-def test_compare_table_and_csv(ckpts, tmp_path, squeeze_lpips):
+def test_compare_table_and_csv(ckpts, tmp_path, squeeze_lpips, capsys):
     root, paths = ckpts
     train = write_images(tmp_path / "train", 2)
     out_csv = tmp_path / "results.csv"
@@ -178,10 +179,13 @@ def test_compare_table_and_csv(ckpts, tmp_path, squeeze_lpips):
     table = evaluate.markdown_table(rows).splitlines()
     assert table[0] == "| method | FID | IC-LPIPS | IS |" and table[1] == "|---|---|---|---|"
     assert table[2].startswith("| cdc | ") and table[3].startswith("| c3 | ") and " ± " in table[2]
+    # what the command printed and wrote: random networks' numbers say so in their column headers
+    assert "| method | FID (random Inception) | IC-LPIPS (random VGG) | IS (random Inception) |" in capsys.readouterr().out
     with open(out_csv) as f:
         read = list(csv.DictReader(f))
-    assert [r["method"] for r in read] == ["cdc", "c3"] and float(read[0]["is"]) == pytest.approx(rows[0]["is"])
-    assert set(read[0]) == {"method", "fid", "ic_lpips", "ic_lpips_std", "small_clusters", "is", "is_std"}
+    assert [r["method"] for r in read] == ["cdc", "c3"] and float(read[0]["is (random Inception)"]) == pytest.approx(rows[0]["is"])
+    assert set(read[0]) == {"method", "fid (random Inception)", "ic_lpips (random VGG)", "ic_lpips_std (random VGG)",
+                            "small_clusters (random VGG)", "is (random Inception)", "is_std (random Inception)"}
     assert rows[0]["fid"] != rows[1]["fid"]
     full = [{"method": "cdc", "fid": 45.678, "ic_lpips": 0.4531, "ic_lpips_std": 0.0212, "is": 2.5, "is_std": 0.1}]
     assert evaluate.markdown_table(full).splitlines() == [
@@ -248,6 +252,22 @@ def test_bad_inputs(ckpts, tmp_path):
             evaluate.main(["fid", "--fake", str(tmp_path / "missing"), "--real", write_images(tmp_path / "real", 2), "--device", "cpu"])
 
 
+def test_every_option_says_what_it_is_and_its_default():
+    import argparse
+
+    parser = evaluate.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {*evaluate.SHARDED_COMMANDS, "grid", "interpolate", "export", "invert", "translate", "edit"}
+    for command, subparser in commands.items():
+        for action in subparser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            option = f"{command} {action.option_strings[0]}"
+            assert action.help and action.help.strip(), option
+            if not action.required and action.default is not None:  # flags too (default False)
+                assert "default" in action.help, (option, action.help)
+
+
 def test_missing_inception_weights_name_the_command(monkeypatch, tmp_path):
     from pytorch_fid import inception as fid
 
@@ -305,7 +325,7 @@ def random_networks_once():
         yield
 
 
-def test_pair_and_compare_columns(ckpts, tmp_path, random_networks_once):
+def test_pair_and_compare_columns(ckpts, tmp_path, random_networks_once, capsys):
     root, paths = ckpts
     # the cosine of ArcFace embeddings, read from a state dict in model_ir_se50.pth's layout
     identity = evaluate.IdentityNet().state_dict()
@@ -315,6 +335,9 @@ def test_pair_and_compare_columns(ckpts, tmp_path, random_networks_once):
     base = ["--n", "3", "--batch", "3", "--device", "cpu", "--random-weights"]
     other = evaluate.main(["pair", "--a", paths[0], "--b", paths[1], "--identity", str(tmp_path / "model_ir_se50.pth"), *base])
     assert other["pair_lpips"] > 0 and other["pair_mse"] > 0 and -1 <= other["pair_cosine"] < 1
+    # the LPIPS VGG is random; the ArcFace weights were given, so the cosine has no label
+    assert capsys.readouterr().out.startswith(f"LPIPS (random VGG) {other['pair_lpips']:.4f}  MSE {other['pair_mse']:.5f}  "
+                                              f"cosine {other['pair_cosine']:.4f}  (")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(common.UserError, match="not an ArcFace IR-SE50"):
         evaluate.main(["pair", "--a", paths[0], "--b", paths[1], "--identity", str(tmp_path / "other.pth"), *base])
@@ -332,6 +355,8 @@ def test_pair_and_compare_columns(ckpts, tmp_path, random_networks_once):
     assert all(0 <= r["coverage"] <= 1 and r["density"] >= 0 for r in rows)
     assert evaluate.markdown_table(rows).splitlines()[0] == \
         "| method | FID | density | coverage | pair LPIPS | pair MSE | pair cosine |"
+    assert ("| method | FID (random Inception) | density (random Inception) | coverage (random Inception) | "
+            "pair LPIPS (random VGG) | pair MSE | pair cosine (random Inception) |") in capsys.readouterr().out.splitlines()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +428,33 @@ def test_translate_inverts_when_no_codes_are_given(photo_setup, tmp_path):
                    "--out", str(tmp_path), "--device", "cpu", "--random-weights"])
     assert sorted(torch.load(tmp_path / "codes.pt", weights_only=True)) == ["0.png", "1.png"]
     assert (tmp_path / "0_adapted.png").exists() and (tmp_path / "1_source.png").exists()
+
+
+def test_translate_ctrl_c_keeps_the_finished_photos(photo_setup, tmp_path, monkeypatch, capsys):
+    import runtime
+
+    root, source, adapted, _, photos, codes_path, _ = photo_setup
+    write_png = evaluate.write_png
+
+    def half_written(f):
+        f.write(b"\x89PNG\r\n")
+        raise KeyboardInterrupt
+
+    def ctrl_c_in_the_second_photo(path, image):
+        if os.path.basename(path).startswith("1_"):
+            evaluate.write_atomically(path, half_written)
+        write_png(path, image)
+
+    monkeypatch.setattr(evaluate, "write_png", ctrl_c_in_the_second_photo)
+    out = tmp_path / "t"
+    with pytest.raises(SystemExit) as exit:  # the script's entry point
+        runtime.run_main(evaluate.main, ["translate", "--source", source, "--ckpt", adapted, "--images", photos,
+                                         "--codes", codes_path, "--device", "cpu", "--out", str(out)])
+    assert exit.value.code == 130
+    assert capsys.readouterr().err == f"interrupted: 1 of 2 photos written to {out}\n"  # one line, no traceback
+    # the first photo's pictures stay; nothing of the second, not even a temporary file
+    assert sorted(os.listdir(out)) == ["0_adapted.png", "0_source.png"]
+    assert np.asarray(Image.open(out / "0_adapted.png")).shape == (32, 32, 3)
 
 
 def test_edit_directions_layers_and_ganspace(photo_setup, tmp_path):

@@ -81,7 +81,9 @@ def test_ctrl_c_then_the_printed_command_from_another_folder_continues_the_same_
     assert process.returncode == 130, stderr
     assert straight.wait(timeout=120) == 0, straight.stderr.read()
     hint = stdout.strip().splitlines()[-1]
-    assert hint.startswith("stopped after iteration ") and "resume with: " in hint
+    assert hint.startswith("stopped by Ctrl-C, ") and " iterations done of " in hint and "resume with: " in hint
+    done = int(hint.split("stopped by Ctrl-C, ")[1].split()[0])  # the checkpoint holds that many iterations
+    assert f"(saved in {done:06d}.pt)" in hint
     printed = hint.split("resume with: ", 1)[1]
     assert printed.startswith("python ") and os.path.isabs(printed.split()[1])
 
@@ -183,3 +185,44 @@ def test_failed_starts_leave_no_run_folder_and_say_one_line(setup, tmp_path):
     with pytest.raises(UserError, match="does not match"):
         cdc.main(["--resume", str(tmp_path / "bad" / "checkpoints" / "000001.pt"), "--out", str(out), "--iter", "2"])
     assert not out.exists()
+
+
+def test_a_torchvision_that_does_not_match_torch_ends_in_one_line(capsys, monkeypatch):
+    import runtime
+
+    def main(argv):  # what importing a mismatched torchvision build raises
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    with pytest.raises(SystemExit) as stop:
+        runtime.run_main(main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not work with torch" in err and "torchvision::nms" in err
+    assert "pip install --force-reinstall torch==" in err and "torchvision" in err
+
+    def importing(argv):  # a torchvision that cannot be imported at all
+        import torchvision.ops  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.delitem(sys.modules, "torchvision.ops", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        runtime.run_main(importing)
+    assert stop.value.code == 2 and "torchvision" in capsys.readouterr().err
+
+    def other(argv):  # any other error keeps its traceback
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        runtime.run_main(other)
+
+
+def test_threads_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        assert cdc.parse_args(["--threads", "1"]).threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert cdc.parse_args([]).threads == 0
+    with pytest.raises(UserError, match="--threads must be 0"):
+        cdc.parse_args(["--threads", "-1"])

@@ -85,3 +85,42 @@ def test_toyclip_training_augmentations():
     for image, original in zip(moved, photos):  # the inside is the original, moved by some (dy, dx) in [-2, 2]^2
         assert any(torch.equal(image[:, 2:30, 2:30], original[:, 2 + dy:30 + dy, 2 + dx:30 + dx])
                    for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_toy_perceptual_is_lpips_without_learned_weights_on_the_toy_network():
+    """demo/toynet.py's stand-in for LPIPS-VGG: the lpips package's own normalisation and spatial average (its
+    lin=False distance) applied to the toy network's three trunk stages; 0 for equal images, larger for unrelated
+    faces than for a face and its slightly noisy copy."""
+    import lpips
+
+    import common
+    from demo import toynet
+
+    fn = common.load_lpips("toy")
+    assert isinstance(fn, toynet.ToyPerceptual) and not any(p.requires_grad for p in fn.parameters())
+    faces = toyfaces.render_batch(SEEDS, "source", 32)  # [4, 3, 32, 32] in [-1, 1]
+    x, y = faces[:2], faces[2:]
+    expected = 0
+    h_x, h_y = x, y
+    for index, layer in enumerate(fn.net.trunk):
+        h_x, h_y = layer(h_x), layer(h_y)
+        if index in (3, 7, 11):
+            diff = (lpips.normalize_tensor(h_x) - lpips.normalize_tensor(h_y)).pow(2).sum(1, keepdim=True)
+            expected = expected + lpips.spatial_average(diff, keepdim=True)
+    distance = fn(x, y)
+    assert distance.shape == (2, 1, 1, 1)
+    torch.testing.assert_close(distance, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fn(x, x), torch.zeros(2, 1, 1, 1))
+    noisy = (x + 0.02 * torch.randn_like(x)).clamp(-1, 1)
+    assert (fn(x, noisy) < fn(x, y)).all()
+
+
+def test_demo_runs_use_the_toy_perceptual_distance_and_real_runs_lpips_vgg(tmp_path, monkeypatch):
+    import baselines
+    import rssa
+
+    monkeypatch.chdir(tmp_path)
+    assert rssa.parse_args([]).lpips_net == "toy" and baselines.parse_args(["--baseline", "bsa"]).lpips_net == "toy"
+    real = ["--source", "s.pt", "--target", "t"]
+    assert rssa.parse_args(real).lpips_net == "vgg"
+    assert baselines.parse_args([*real, "--baseline", "bsa"]).lpips_net == "vgg"
