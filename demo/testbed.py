@@ -32,8 +32,19 @@ DiFa and NADA always take the first, they are one-shot). A run whose folder alre
 (testbed.json) is scored, not trained again; an interrupted one continues from its last checkpoint, so a long
 sweep can be stopped and started again. --jobs N trains N runs at a time, one thread each.
 
+Every scored run also leaves a score file that outlives its run folder, in --scores (default
+demo/results/scores): <style>-<k>shot-<method>-s<seed>-<schedule>.json, k the images it trained on (1 for DiFa
+and NADA, 0 for the text rows), schedule "demo", "paper" or "<N>it" (--iter N); it holds the row's numbers, the
+method, style, shots, seed, schedule, --n-eval, the commit of the tree that trained it (recorded in testbed.json
+when the testbed started the run; else "unknown; scored at <HEAD>") and the dates. A finished run folder is
+scored and refreshes its file; without one, --reuse reads the file, so the tables, the claims and the
+IC-div10 plot need no run folder (the comparison figure and sample grids do: skipped, with a note, when a run
+has no folder). --backfill-from results-paper.md writes the score files of a committed one-seed table.
+
 Rows "source (no adaptation)" and "target renders" (another 1000 renders: the floor of FD, the diversity of
-the real distribution) frame the numbers; over several seeds a cell is mean ± std. Writes to --out:
+the real distribution) frame the numbers; they need no run. Over several seeds a cell is "mean ± std (n)", the
+seeds' sample std and how many seeds ran; a plain number is one seed. The claims' verdicts follow VERDICT_RULE:
+with seeds on both sides a difference counts only beyond twice its standard error. Writes to --out:
 results.md, comparison.png (rows: source, then each method, the same ten latents in every row; one per style:
 comparison_<style>.png for styles other than sketch), samples_<method>.png (each run's last sample grid: source
 left, adapted right), icdiv_vs_shots.png with several --shots, and claims-demo.md; with --schedule paper the
@@ -42,7 +53,9 @@ same names with "-paper" (results-paper.md, ...) and claims.md.
 
 import argparse
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--n-eval", type=int, default=1000, help="generated images and target renders per metric")
     p.add_argument("--work-dir", default=os.path.join("runs", "testbed"), help="run folders")
     p.add_argument("--out", default=RESULTS_DIR, help="tables and figures")
+    p.add_argument("--scores", default=os.path.join(RESULTS_DIR, "scores"), help="score files, one per scored run (default demo/results/scores)")
+    p.add_argument("--backfill-from", metavar="RESULTS_MD",
+                   help="only write the score files of the runs of a one-seed results table (results.md, results-paper.md) and stop")
     p.add_argument("--extra", action="append", default=[], metavar="METHOD=ARGS",
                    help="extra arguments for one method, e.g. rssa=--lpips-random-backbone (repeatable)")
     p.add_argument("--reuse", action="store_true", help="only score: train nothing, report runs that are not finished")
@@ -231,12 +247,24 @@ def run_method(run, args, source=None):
 
 
 def finished(run, args):
-    """(seconds, iterations) of a finished run folder, else None."""
+    """(seconds, iterations[, commit]) of a finished run folder (its testbed.json; runs from before the commit
+    was recorded have none), else None."""
     timing = os.path.join(run.folder(args), "testbed.json")
     if not os.path.exists(timing):
         return None
     with open(timing) as f:
         return tuple(json.load(f))
+
+
+def git_commit(*paths):
+    """HEAD of this clone, "+ uncommitted changes" when tracked files (of `paths`, default all) differ from it;
+    "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=ROOT, capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 def train(run, args, source=None):
@@ -246,18 +274,122 @@ def train(run, args, source=None):
     if args.reuse:
         return "not run yet"
     print(f"testbed: {os.path.basename(run.folder(args))} ...", file=sys.stderr, flush=True)
+    commit = git_commit()  # the tree this (last) start of the run trains with
     seconds, iters, error = run_method(run, args, source)
     if error is None:
         with open(os.path.join(run.folder(args), "testbed.json"), "w") as f:
-            json.dump([seconds, iters], f)
+            json.dump([seconds, iters, commit], f)
     print(f"testbed: {os.path.basename(run.folder(args))}: " + (error or f"{iters} iterations, {seconds:.0f} s"), file=sys.stderr, flush=True)
     return error
 
 
+ROUND_TRIP_COLUMNS = ("RT MSE", "RT cos", "RT geom")
+
+
+def schedule_tag(args):
+    return f"{args.iter}it" if args.iter is not None else args.schedule
+
+
+def scores_path(run, args):
+    """<scores>/<style>-<k>shot-<method>-s<seed>-<demo|paper|Nit>.json: a (forward) run's score file."""
+    return os.path.join(args.scores, f"{run.style}-{run.shots}shot-{run.name}-s{run.seed}-{schedule_tag(args)}.json")
+
+
+def read_scores(run, args):
+    """The run's score file as written by write_scores, or None without one (or one scored on another
+    --n-eval: another measurement)."""
+    path = scores_path(run, args)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record["n_eval"] != args.n_eval:
+        print(f"testbed: {path} left out: scored on {record['n_eval']} latents, not {args.n_eval}", file=sys.stderr)
+        return None
+    return record
+
+
+def write_scores(run, args, values, commit, trained):
+    """Write the run's score file; returns the numbers written. When this scoring left out the round trip
+    (no --round-trip, or no return-leg folder) the file keeps the round-trip numbers of the same run
+    (same iterations and s/iter, i.e. the same testbed.json)."""
+    old = read_scores(run, args)
+    if old is not None and "RT MSE" not in values and all(old["scores"].get(k) == values.get(k) for k in ("iters", "s/iter")):
+        values = {**values, **{k: old["scores"][k] for k in ROUND_TRIP_COLUMNS if k in old["scores"]}}
+    record = {"method": run.name, "style": run.style, "shots": run.shots, "seed": run.seed, "schedule": schedule_tag(args),
+              "n_eval": args.n_eval, "commit": commit, "trained": trained, "written": time.strftime("%Y-%m-%d"), "scores": values}
+    os.makedirs(args.scores, exist_ok=True)
+    with open(scores_path(run, args), "w") as f:
+        json.dump(record, f, indent=1)
+    return values
+
+
+def backfill(path, args):
+    """Score files for the runs of a one-seed results table written before score files existed (the
+    committed results.md / results-paper.md): schedule, seed and latents from its first line, one file per
+    run row; the rows "target renders" and "source (no adaptation)" are left out (they need no run: every
+    table computes them). The commit and the training date are unknown and say so. Returns how many files it wrote."""
+    with open(path) as f:
+        text = f.read()
+    head = re.match(r"Testbed, schedule (demo|paper|(\d+) iterations), seeds \[(\d+)\], (\d+) latents", text)
+    if head is None:
+        raise common.UserError(f"{path}: not a one-seed testbed table (its first line names the schedule, one seed and the latents)")
+    schedule, iters, seed, n_eval = head.groups()
+    table_args = argparse.Namespace(**{**vars(args), "schedule": schedule, "iter": int(iters) if iters else None, "n_eval": int(n_eval)})
+    commit = f"unknown (backfilled from {os.path.relpath(os.path.abspath(path), ROOT)} at {git_commit(os.path.abspath(path))})"
+    written = 0
+    for style, shots, table in re.findall(r"^### (\w+), (\d+) shots?\n\n(.*?)(?:\n\n|\Z)", text, re.M | re.S):
+        lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+        for name, *cells in lines[2:]:  # below the header and its rule
+            if name not in METHODS:
+                continue
+            try:
+                values = {column: float(v) for column, v in zip(lines[0][1:], cells) if v}
+            except ValueError:  # a run's error line
+                continue
+            values["iters"] = int(values["iters"])
+            run = Run(name, style, int(shots), int(seed))
+            if run.shots == len(toyfaces.TARGET_SEEDS):  # the 10-shot tables leave out IC-div10, their IC-div
+                values.setdefault("IC-div10", values["IC-div"])
+            write_scores(run, table_args, values, commit, "unknown")
+            written += 1
+    return written
+
+
 # The papers' claims the testbed tests: (paper, claim, the paper's own evidence, the test: a function of
-# value(shots, name, column) -> (verdict, numbers); value gives the mean over seeds or None when not run).
-# The evidence column names the paper's table or figure and the direction of its result; the papers' numbers
-# are not restated (no copy of the PDFs on the development machines). The verdicts use only the testbed's numbers.
+# value(shots, name, column) -> (verdict, numbers); value gives (mean, std, seeds) over seeds or None when not
+# run, verdict is one of VERDICTS). The evidence column names the paper's table or figure and the direction of
+# its result; the papers' numbers are not restated (no copy of the PDFs on the development machines). The
+# verdicts use only the testbed's numbers.
+VERDICT_RULE = (
+    "A comparison \"A better than B on a metric\" takes d = mean_A - mean_B over the seeds each ran, signed so that "
+    "d > 0 means A is better, and its standard error se = sqrt(s_A^2/n_A + s_B^2/n_B) (Welch; s the seeds' sample "
+    "std, n their number). With at least 2 seeds on each side it **holds** when d > 2 se, **does not hold** when "
+    "d < -2 se, and is **within noise** otherwise. With 1 seed on a side there is no noise estimate: the sign of d "
+    "decides (a tie does not hold), labelled \"(1 seed, noise unknown)\". A claim of several comparisons holds only "
+    "if each holds, does not hold if any does not hold, is within noise if none fails and one is within noise, and "
+    "is not testable while a run it needs is missing (and none that ran failed).")
+# worst first: a conjunction takes its worst part; a failure with a noise estimate outranks one without
+VERDICTS = ("does not hold", "does not hold (1 seed, noise unknown)", None, "within noise", "holds (1 seed, noise unknown)", "holds")
+
+
+def verdict(a, b, lower_is_better):
+    """Whether A beats B, a and b (mean, std, seeds) as `stats` gives them, by VERDICT_RULE: with 2 or more seeds
+    on each side d = mean_A - mean_B (positive: A better) against se = sqrt(s_A^2/n_A + s_B^2/n_B), "holds" beyond
+    +2 se, "does not hold" beyond -2 se, "within noise" between; with 1 seed on a side the sign of d, labelled."""
+    (mean_a, std_a, n_a), (mean_b, std_b, n_b) = a, b
+    d = mean_b - mean_a if lower_is_better else mean_a - mean_b
+    if min(n_a, n_b) < 2:
+        return ("holds" if d > 0 else "does not hold") + " (1 seed, noise unknown)"
+    se = math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b)
+    return "holds" if d > 2 * se else "does not hold" if d < -2 * se else "within noise"
+
+
+def combine(verdicts):
+    """A conjunction's verdict (VERDICT_RULE): its worst part in the order of VERDICTS."""
+    return min(verdicts, key=VERDICTS.index)
+
+
 def _compare(value, shots, column, name, others, lower_is_better):
     """Whether `name` beats every run of `others` on a column; the numbers used."""
     mine = value(shots, name, column)
@@ -265,23 +397,24 @@ def _compare(value, shots, column, name, others, lower_is_better):
     missing = [o for o, v in {name: mine, **theirs}.items() if v is None]
     if missing:
         return None, "not run: " + ", ".join(f"{m} ({shots} shots)" for m in missing)
-    beaten = [o for o, v in theirs.items() if (v <= mine if lower_is_better else v >= mine)]
-    numbers = f"{column} {name} {mine:.3g}; " + ", ".join(f"{o} {v:.3g}" for o, v in theirs.items())
-    return not beaten, numbers + (f" (not better than {', '.join(beaten)})" if beaten else "")
+    verdicts = {o: verdict(mine, v, lower_is_better) for o, v in theirs.items()}
+    beaten = [o for o, v in verdicts.items() if v.startswith("does not hold")]
+    noisy = [o for o, v in verdicts.items() if v == "within noise"]
+    numbers = f"{column} {name} {cell(mine)}; " + ", ".join(f"{o} {cell(v)}" for o, v in theirs.items())
+    notes = ([f"not better than {', '.join(beaten)}"] if beaten else []) + ([f"within noise of {', '.join(noisy)}"] if noisy else [])
+    return combine(verdicts.values()), numbers + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _all(*parts):
-    """A conjunction: fails as soon as a tested part fails, untestable while a part is missing and none failed."""
-    verdicts = [v for v, _ in parts]
-    verdict = False if False in verdicts else None if None in verdicts else True
-    return verdict, "; ".join(dict.fromkeys(n for _, n in parts))  # a missing run named once
+    """A conjunction (VERDICT_RULE): fails as soon as a tested part fails, untestable while a part is missing and none failed."""
+    return combine([v for v, _ in parts]), "; ".join(dict.fromkeys(n for _, n in parts))  # a missing run named once
 
 
 def _grows_with_shots(value, name, shots):
     ys = [value(k, name, "IC-div10") for k in shots]  # around the same ten targets at every k
     if None in ys:
         return None, f"not run: {name} at " + ", ".join(f"{k}" for k, y in zip(shots, ys) if y is None) + " shots"
-    return all(b > a for a, b in zip(ys, ys[1:])), f"{name} IC-div10 " + " -> ".join(f"{y:.3g}" for y in ys)
+    return combine([verdict(b, a, False) for a, b in zip(ys, ys[1:])]), f"{name} IC-div10 " + " -> ".join(cell(y) for y in ys)
 
 
 BASELINES_CDC = ("tgan", "ada", "freezed", "ewc")
@@ -319,7 +452,7 @@ CLAIMS = [
 
 
 def claims_markdown(results, args):
-    """The claims table: one row per claim, a verdict per style with the testbed's numbers (means over seeds)."""
+    """The claims table: one row per claim, a verdict per style (VERDICT_RULE) with the testbed's numbers."""
     lines = ["| paper | claim | the paper's evidence | " + " | ".join(f"testbed, {s}" for s in args.styles) + " |",
              "|---|---|---|" + "---|" * len(args.styles)]
     for paper, claim, evidence, test in CLAIMS:
@@ -328,15 +461,16 @@ def claims_markdown(results, args):
             def value(shots, name, column, style=style):
                 if name in ONE_SHOT + ZERO_SHOT:  # the same run at every --shots
                     shots = next((k for (s, k, n) in results if s == style and n == name), shots)
-                per_seed = results.get((style, shots, name))
-                numbers = [v[column] for v in per_seed or [] if column in v]
-                return float(np.mean(numbers)) if numbers else None
-            verdict, numbers = test(value)
-            cells.append(("not testable here yet" if verdict is None else "**holds**" if verdict else "**does not hold**") + f": {numbers}")
+                numbers = [v[column] for v in results.get((style, shots, name), []) if column in v]
+                return stats(numbers) if numbers else None
+            found, numbers = test(value)
+            said, _, label = (found or "").partition(" (")  # the verdict in bold, its "(1 seed, ...)" label after it
+            cells.append((f"**{said}**" + (f" ({label}" if label else "") if found else "not testable here yet") + f": {numbers}")
         lines.append(f"| {paper} | {claim} | {evidence} | " + " | ".join(cells) + " |")
     schedule = f"{args.iter} iterations" if args.iter is not None else f"the {args.schedule} schedule"
     return (f"# The papers' claims on the demo testbed\n\nToy-network scores (demo/testbed.py) at {schedule}, seeds "
-            f"{' '.join(map(str, args.seeds))} (means over seeds), {args.n_eval} latents.\n\n" + "\n".join(lines) + "\n")
+            f"{' '.join(map(str, args.seeds))}, {args.n_eval} latents. A number is the mean over the seeds that ran, "
+            f"\"mean ± std (n)\" with n > 1 seeds.\n\n{VERDICT_RULE}\n\n" + "\n".join(lines) + "\n")
 
 
 @torch.no_grad()
@@ -407,17 +541,23 @@ def last_sample_grid(run, scale=2):
     return cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
 
 
+def stats(numbers):
+    """(mean, sample std, n) of one column over seeds (std 0 for one seed)."""
+    return float(np.mean(numbers)), float(np.std(numbers, ddof=1)) if len(numbers) > 1 else 0.0, len(numbers)
+
+
 def mean_std(values):
     """Cells of several seeds: {column: (mean, std, n)} over the seeds' score dicts (numbers only)."""
     merged = {}
-    for column in values[0]:
+    for column in dict.fromkeys(k for v in values for k in v):  # a round trip may have run for some seeds only
         numbers = [v[column] for v in values if isinstance(v.get(column), (int, float))]
         if numbers:
-            merged[column] = (float(np.mean(numbers)), float(np.std(numbers)), len(numbers))
+            merged[column] = stats(numbers)
     return merged
 
 
 def cell(value):
+    """A table cell: "mean ± std (n)" over n > 1 seeds, the plain number for one."""
     if isinstance(value, str):
         return value
     if value is None:
@@ -426,7 +566,7 @@ def cell(value):
     if mean != mean:
         return ""
     text = f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.3g}"  # iteration counts in full
-    return f"{text} ± {std:.2g}" if n > 1 else text
+    return f"{text} ± {std:.2g} ({n})" if n > 1 else text
 
 
 def markdown(rows, columns):
@@ -471,6 +611,9 @@ def line_plot(series, xs, title, y_label, size=(560, 360)):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.backfill_from:
+        print(f"testbed: {backfill(args.backfill_from, args)} score files from {args.backfill_from} in {args.scores}")
+        return
     device = runtime.resolve_device(args.device)
     source = load_checkpoint(runtime.DEMO_SOURCE, require=("g_ema",), device=device)[0]["g_ema"]
     args.size = source.size
@@ -501,14 +644,16 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     tag = "-paper" if args.schedule == "paper" and args.iter is None else ""
     png = [cv2.IMWRITE_PNG_COMPRESSION, 9]
-    text = f"Testbed, schedule {args.schedule if args.iter is None else f'{args.iter} iterations'}, seeds {args.seeds}, {args.n_eval} latents.\n"
+    text = (f"Testbed, schedule {args.schedule if args.iter is None else f'{args.iter} iterations'}, seeds {args.seeds}, {args.n_eval} latents. "
+            "A cell is the mean over the seeds that ran, \"mean ± std (n)\" with n > 1 seeds (sample std).\n")
+    scored_at = None  # HEAD, read once if a run folder does not record its commit
     for style in args.styles:
         style_index = toyfaces.STYLES.index(style)
         z, target_feats, train_feats, source_images, source_geometry = reference(net, source, style, args.n_eval)
         reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
         frame = [("target renders", score(net, toyfaces.render_batch(reference_seeds, style, source.size), None, target_feats, train_feats, style_index, train_feats)),
                  ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index, train_feats))]
-        figure, pictured = [("source", source_images[:10])], set()  # each method once, from its run with the most shots
+        figure, pictured, unpictured = [("source", source_images[:10])], set(), set()  # each method once, from its run with the most shots
         for shots in sorted(set(args.shots) | ({ROUND_TRIP_SHOTS} if backs else set()), reverse=True):
             rows = [(name, {k: (v, 0.0, 1) for k, v in values.items()}) for name, values in frame]
             not_run = []
@@ -519,6 +664,11 @@ def main(argv=None):
                     if run.folder(args) not in forwards or (name in ONE_SHOT + ZERO_SHOT and shots != min(args.shots)):
                         continue  # one-shot and zero-shot runs: one row, in the table of the fewest --shots
                     error = errors.get(run.folder(args)) or (None if finished(run, args) else "not run yet")
+                    record = read_scores(run, args) if error == "not run yet" else None
+                    if record is not None:  # no run folder: its score file
+                        per_seed.append(record["scores"])
+                        unpictured.add(name)
+                        continue
                     if error is not None:
                         continue
                     folder = runtime.RunDir(run.folder(args))
@@ -526,14 +676,17 @@ def main(argv=None):
                     adapted_images = draw(load_generator(folder.latest_checkpoint(), device), z)
                     run_feats = train_feats if run.shots == len(toyfaces.TARGET_SEEDS) or run.shots == 0 else \
                         toy_outputs(net, torch.stack([common.load_image(p, source.size) for p in paths(run)]).float() / 127.5 - 1)[0]
-                    seconds, iters = finished(run, args)
+                    seconds, iters, *commit = finished(run, args)
                     values = score(net, adapted_images, source_geometry, target_feats, run_feats, style_index, ten_feats=train_feats)
                     values.update({"iters": iters, "s/iter": seconds / max(iters, 1)})
                     back = Run(name, style, ROUND_TRIP_SHOTS, seed, back=True)
                     if shots == ROUND_TRIP_SHOTS and any(b.folder(args) == back.folder(args) for b in backs) and finished(back, args):
                         round_trip = load_generator(runtime.RunDir(back.folder(args)).latest_checkpoint(), device)
                         values.update(round_trip_score(net, source_images, draw(round_trip, z)))
-                    per_seed.append(values)
+                    if not commit:
+                        scored_at = scored_at or git_commit()
+                    trained = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(os.path.join(folder.root, "testbed.json"))))
+                    per_seed.append(write_scores(run, args, values, commit[0] if commit else f"unknown; scored at {scored_at}", trained))
                     if seed == args.seeds[0] and name not in pictured:
                         pictured.add(name)
                         figure.append((name if shots == max(args.shots) or name in ONE_SHOT + ZERO_SHOT else f"{name}, {shots} shots", adapted_images[:10]))
@@ -556,7 +709,12 @@ def main(argv=None):
             text += table
             print(table, flush=True)
         name = "comparison" + ("" if style == "sketch" else f"_{style}") + tag + ".png"
-        cv2.imwrite(os.path.join(args.out, name), labelled_rows(figure)[..., ::-1], png)
+        unpictured -= pictured
+        if unpictured:  # a figure without some rows would pass for the whole comparison
+            print(f"testbed: {name} and the sample grids of {', '.join(sorted(unpictured))} not written: no run folder, "
+                  f"their numbers come from {args.scores}", file=sys.stderr)
+        else:
+            cv2.imwrite(os.path.join(args.out, name), labelled_rows(figure)[..., ::-1], png)
         if len(args.shots) > 1:
             xs = sorted(args.shots)
             series = {}

@@ -1,7 +1,8 @@
-"""The testbed's grid, schedules, round-trip score and claims table (demo/testbed.py), and `--demo`."""
+"""The testbed's grid, schedules, round-trip score, score files, verdict rule and claims table (demo/testbed.py), and `--demo`."""
 
 import argparse
 import importlib
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ from demo import testbed, toyfaces
 
 
 def grid_args(**overrides):
-    values = dict(schedule="demo", iter=None, work_dir="w", styles=["sketch"], seeds=[1], n_eval=10)
+    values = dict(schedule="demo", iter=None, work_dir="w", scores="s", styles=["sketch"], seeds=[1], n_eval=10)
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -104,7 +105,7 @@ def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
     text = testbed.claims_markdown(results, grid_args())
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
     fd = rows["lower FD than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots"]
-    assert "**does not hold**" in fd and "not better than tgan" in fd and "ewc 150" in fd
+    assert "**does not hold** (1 seed, noise unknown)" in fd and "not better than tgan" in fd and "ewc 150 ± 71 (2)" in fd
     div = rows["higher diversity than TGAN, TGAN+ADA, FreezeD and EWC at 10 shots"]
     assert "**does not hold**" in div and "not better than ewc" in div  # a tie (6.0 against 6.0) is not better
     assert "**holds**" in rows["lower FD than CDC at 10 shots"]
@@ -114,6 +115,80 @@ def test_claims_table_gives_verdicts_from_the_numbers_and_names_missing_runs():
     assert "**does not hold**" in shots and "cdc IC-div10 5 -> 6.5 -> 6" in shots and "not run: freezed (1 shots)" in shots
     rssa = rows["better structure preservation than CDC, at some cost of diversity"]  # one part fails, one is missing
     assert "**does not hold**" in rssa and "not better than cdc" in rssa and "not run: rssa (10 shots)" in rssa
+
+
+def test_verdict_rule_counts_a_difference_only_beyond_twice_its_standard_error():
+    verdict = testbed.verdict
+    assert verdict((10.0, 1.0, 3), (7.0, 1.0, 3), False) == "holds"  # d 3 > 2 se = 1.63
+    assert verdict((10.0, 1.0, 3), (9.0, 1.0, 3), False) == "within noise"
+    assert verdict((7.0, 1.0, 3), (10.0, 1.0, 3), False) == "does not hold"
+    assert verdict((7.0, 1.0, 3), (10.0, 1.0, 3), True) == "holds"  # lower is better: the sign turns
+    assert verdict((10.0, 0.0, 1), (9.9, 1.0, 3), False) == "holds (1 seed, noise unknown)"
+    assert verdict((9.0, 0.5, 2), (9.0, 0.0, 1), False) == "does not hold (1 seed, noise unknown)"  # a tie is not better
+    combine = testbed.combine
+    assert combine(["holds", "holds"]) == "holds"
+    assert combine(["holds", "holds (1 seed, noise unknown)"]) == "holds (1 seed, noise unknown)"
+    assert combine(["holds", "within noise"]) == "within noise"
+    assert combine(["within noise", None]) is None  # a missing run: not testable
+    assert combine([None, "does not hold (1 seed, noise unknown)", "holds"]) == "does not hold (1 seed, noise unknown)"
+    assert combine(["does not hold (1 seed, noise unknown)", "does not hold"]) == "does not hold"
+
+
+def test_score_files_are_named_by_the_grid_and_read_back(tmp_path):
+    args = grid_args(scores=str(tmp_path), schedule="paper")
+    run = testbed.Run("difa", "sketch", 10, 2)  # one-shot whatever --shots says
+    values = {"FD": 20.0, "IC-div": 5.0, "iters": 301, "s/iter": 0.3, "RT MSE": 0.2}
+    testbed.write_scores(run, args, values, "abc", "2026-01-01")
+    record = json.loads((tmp_path / "sketch-1shot-difa-s2-paper.json").read_text())
+    assert record["scores"] == values and record["commit"] == "abc" and (record["shots"], record["seed"], record["n_eval"]) == (1, 2, 10)
+    assert testbed.read_scores(run, args) == record
+    assert testbed.read_scores(run, grid_args(scores=str(tmp_path), schedule="paper", n_eval=1000)) is None  # another measurement
+    assert testbed.scores_path(testbed.Run("cdc", "sketch", 10, 1), grid_args(iter=7)) == os.path.join("s", "sketch-10shot-cdc-s1-7it.json")
+    # scored again without its return leg, the same run (same testbed.json) keeps its round trip; another run does not
+    assert testbed.write_scores(run, args, {"FD": 21.0, "iters": 301, "s/iter": 0.3}, "abc", "d")["RT MSE"] == 0.2
+    assert "RT MSE" not in testbed.write_scores(run, args, {"FD": 21.0, "iters": 301, "s/iter": 0.4}, "abc", "d")
+
+
+def test_backfill_writes_a_score_file_per_run_row_of_a_one_seed_table(tmp_path):
+    rule = "|---|" + "---:|" * 10
+    table = tmp_path / "results-paper.md"
+    table.write_text("Testbed, schedule paper, seeds [1], 1000 latents.\n\n### sketch, 10 shots\n\n"
+                     "| run | FD | IC-div | geom err | p(target) | iters | s/iter |\n" + rule + "\n"
+                     "| target renders | 0.41 | 6.79 |  | 1 |  |  |\n| cdc | 19.5 | 5.26 | 0.416 | 0.999 | 5002 | 0.625 |\n"
+                     "| rssa | stopped |\n\nNot run yet: c3.\n\n### sketch, 5 shots\n\n"
+                     "| run | FD | IC-div | IC-div10 | geom err | p(target) | iters | s/iter | RT MSE | RT cos | RT geom |\n" + rule + "\n"
+                     "| cdc | 24 | 5.98 | 5.18 | 0.47 | 0.998 | 5002 | 0.298 | 0.232 | 0.838 | 0.623 |\n")
+    args = testbed.parse_args(["--scores", str(tmp_path / "scores")])
+    assert testbed.backfill(str(table), args) == 2  # not the reference row, not the error row
+    args.schedule, args.n_eval = "paper", 1000
+    ten = testbed.read_scores(testbed.Run("cdc", "sketch", 10, 1), args)
+    assert ten["scores"] == {"FD": 19.5, "IC-div": 5.26, "geom err": 0.416, "p(target)": 0.999, "iters": 5002, "s/iter": 0.625, "IC-div10": 5.26}
+    assert ten["commit"].startswith("unknown (backfilled from") and ten["trained"] == "unknown"
+    assert testbed.read_scores(testbed.Run("cdc", "sketch", 5, 1), args)["scores"]["RT geom"] == 0.623
+    table.write_text("Testbed, schedule paper, seeds [1, 2], 1000 latents.\n")
+    with pytest.raises(common.UserError, match="one-seed"):
+        testbed.backfill(str(table), args)
+
+
+def test_reuse_builds_tables_claims_and_plot_from_score_files_without_run_folders(tmp_path, capsys):
+    args = grid_args(scores=str(tmp_path / "scores"), schedule="paper")
+    fd = {"cdc": [19.0, 20.0, 21.0], "c3": [18.0, 20.5, 21.5]}  # means 20 and 20: within noise
+    for name, values in fd.items():
+        for seed, value in enumerate(values, 1):
+            for shots in (10, 5):
+                testbed.write_scores(testbed.Run(name, "sketch", shots, seed), args,
+                                     {"FD": value, "IC-div": 5.0, "IC-div10": 5.0 + shots / 10, "iters": 5002, "s/iter": 0.3}, "abc", "d")
+    out = tmp_path / "out"
+    testbed.main(["--reuse", "--schedule", "paper", "--methods", "cdc", "c3", "--shots", "10", "5", "--seeds", "1", "2", "3",
+                  "--n-eval", "10", "--device", "cpu", "--work-dir", str(tmp_path / "runs"), "--scores", args.scores, "--out", str(out)])
+    results = (out / "results-paper.md").read_text()
+    assert "| cdc | 20 ± 1 (3) | 5 ± 0 (3) |" in results and "| c3 | 20 ± 1.8 (3) |" in results and "mean ± std (n)" in results
+    claims = (out / "claims.md").read_text()
+    assert testbed.VERDICT_RULE in claims
+    c3 = next(line for line in claims.splitlines() if "lower FD than CDC at 10 shots" in line)
+    assert "**within noise**: FD c3 20 ± 1.8 (3); cdc 20 ± 1 (3) (within noise of cdc)" in c3
+    assert (out / "icdiv_vs_shots-paper.png").exists() and not (out / "comparison-paper.png").exists()
+    assert "comparison-paper.png and the sample grids of c3, cdc not written: no run folder" in capsys.readouterr().err
 
 
 def test_line_plot_draws_each_series():
