@@ -31,6 +31,9 @@ run are drawn from the style's ten demo targets (demo/targets/<style>), fixed pe
 DiFa and NADA always take the first, they are one-shot). A run whose folder already holds a finished run
 (testbed.json) is scored, not trained again; an interrupted one continues from its last checkpoint, so a long
 sweep can be stopped and started again. --jobs N trains N runs at a time, one thread each.
+The rows cdc_scaled, c3_scaled, rssa_scaled and progressive_asc_scaled run those methods with their
+resolution-dependent settings scaled to the demo's 32 px (docs/demo-and-testbed.md, "The testbed's scale"); like
+CDC's ablations they run only when --methods names them.
 
 Every scored run also leaves a score file that outlives its run folder, in --scores (default
 demo/results/scores): <style>-<k>shot-<method>-s<seed>-<schedule>.json, k the images it trained on (1 for DiFa
@@ -100,8 +103,16 @@ METHODS = {
     "cdc_image": ("cdc.py", ["--adv", "image"]),
     "cdc_patch": ("cdc.py", ["--adv", "patch"]),
     "cdc_nodist": ("cdc.py", ["--no-dist"]),
+    # the scale question (docs/demo-and-testbed.md, "The testbed's scale"): the 32-px settings whose depth and receptive
+    # field best match each method's defaults at 256 px, declared from the networks' geometry before any run. --highp 2:
+    # the patch D also reads D's 16x16 map (8 px, a quarter of the image; the default 32x32 map sees 3 px here, 50 of
+    # 256 px at 256 px); progressive ASC also on 8^2..16^2 (to-half), a 2-px Farneback window and no Sobel blur
+    "cdc_scaled": ("cdc.py", ["--highp", "2"]),
+    "c3_scaled": ("c3.py", ["--highp", "2"]),
+    "rssa_scaled": ("rssa.py", ["--highp", "2"]),
+    "progressive_asc_scaled": ("progressive_asc.py", ["--highp", "2", "--asc-layers", "to-half", "--winsize", "2", "--blur", "1"]),
 }
-DEFAULT_METHODS = [m for m in METHODS if not m.startswith("cdc_")]
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith("cdc_") and not m.endswith("_scaled")]
 ONE_SHOT = ("difa", "nada")  # trained on the first training image only
 ZERO_SHOT = ("difa_text", "nada_text")
 # the text target of the zero-shot rows, per style: the toy CLIP's own caption of that style (demo/toyclip.py)
@@ -109,7 +120,7 @@ TEXT_TARGETS = {"sketch": "a pencil sketch of a face", "sunglasses": "a photo of
 # --schedule paper: each script's own default iterations (its module docstring says where each comes from):
 # CDC's and progressive ASC's official 5002 (C3 and the baselines share CDC's loop and schedule), RSSA's face
 # preset, DiFa's and NADA's 301, BSA's 10000
-PAPER_ITERS = {**{m: 5002 for m in METHODS}, "rssa": 2001, "bsa": 10000, **{m: 301 for m in ONE_SHOT + ZERO_SHOT}}
+PAPER_ITERS = {**{m: 5002 for m in METHODS}, "rssa": 2001, "rssa_scaled": 2001, "bsa": 10000, **{m: 301 for m in ONE_SHOT + ZERO_SHOT}}
 ROUND_TRIP = ("cdc", "rssa", "progressive_asc")  # the progressive ASC paper's Table 2 compares these
 ROUND_TRIP_SHOTS = 5
 RESULTS_DIR = os.path.join(ROOT, "demo", "results")
@@ -118,7 +129,8 @@ RESULTS_DIR = os.path.join(ROOT, "demo", "results")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="run every method on the demo and score it with the toy network")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
-                   help="which runs, trained in this order (default: all but CDC's ablations cdc_image, cdc_patch, cdc_nodist)")
+                   help="which runs, trained in this order (default: all but CDC's ablations cdc_image, cdc_patch, cdc_nodist "
+                        "and the *_scaled rows)")
     p.add_argument("--styles", nargs="+", choices=toyfaces.TARGET_STYLES, default=["sketch"], help="target domains (default sketch)")
     p.add_argument("--shots", nargs="+", type=int, default=[10], help="training images per run, 1-10 (default 10)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1], help="seed of each repeat: the run's --seed and its draw of training images")

@@ -56,6 +56,24 @@ def test_paper_schedule_is_each_script_s_own_default(script, extra, tmp_path):
     assert not args.demo
 
 
+@pytest.mark.parametrize("name, base", [("cdc_scaled", "cdc"), ("c3_scaled", "c3"), ("rssa_scaled", "rssa"),
+                                        ("progressive_asc_scaled", "progressive_asc")])
+def test_scaled_rows_parse_stay_out_of_the_default_grid_and_keep_their_method_s_schedule(name, base, tmp_path):
+    """The rows of docs/demo-and-testbed.md, "The testbed's scale": their method's script with flags it accepts."""
+    script, extra = testbed.METHODS[name]
+    assert script == testbed.METHODS[base][0] and name not in testbed.DEFAULT_METHODS
+    assert testbed.PAPER_ITERS[name] == testbed.PAPER_ITERS[base]
+    args = importlib.import_module(script[:-3]).parse_args([*extra, "--demo", "--iter", "1", "--out", str(tmp_path / name)])
+    assert args.highp == 2  # the demo D's patch maps 1 (32x32) and 2 (16x16)
+    if base == "progressive_asc":
+        assert (args.asc_layers, args.winsize, args.blur) == ("to-half", 2, 1)
+    from checkpoints import load_checkpoint
+
+    d = load_checkpoint(runtime.DEMO_SOURCE, require=("d",), device="cpu")[0]["d"]
+    maps = common.patch_map_indices(d)
+    assert args.highp <= len(maps) == 3 and [d.feature_map_shapes()[k][1] for k in maps[:args.highp]] == [32, 16]
+
+
 def test_demo_flag_keeps_the_demo_settings_with_another_target(tmp_path):
     import cdc
 
