@@ -511,7 +511,7 @@ def estimate_fisher(g_source, d_source, n_batches, batch, seed, device, per_samp
                 logits = d(images)  # [B, 1]
                 if per_sample:
                     # L_b = -log sigmoid(D(G(z_b))) = BCE with the 'real' label, one per sample
-                    yield from (F.softplus(-logit).sum() for logit in logits)
+                    yield from (common.g_nonsaturating_loss(logit) for logit in logits)
                 else:
                     yield common.g_nonsaturating_loss(logits)  # mean_b L_b
 

@@ -6,7 +6,8 @@
   TensorFlow StyleGAN2) with G, D and G_ema, through a restricted unpickler that runs no code from the file, and
   maps them to rosinality's layout; NVIDIA options rosinality lacks (conv_clamp, the D's stddev group, the
   mapping's lr multiplier) are constructor arguments stored under "extra_config".
-- `save_atomically(state, path)`: torch.save through a temporary file and a rename.
+- `save_atomically(state, path)`: torch.save through a temporary file and a rename (`write_atomically`, which
+  pictures use too).
 - `python checkpoints.py convert IN OUT` writes any readable checkpoint as a rosinality .pt; `python
   checkpoints.py info PATH` prints the configuration it infers. (These two commands were `python stylegan2.py
   convert|info` before the file formats moved here.)
@@ -829,24 +830,35 @@ def load_checkpoint(path, require=("g", "g_ema", "d"), device="cpu"):
 # Command line: convert and info
 
 
-def save_atomically(state, path):
-    """torch.save to a temporary file next to `path`, then rename: never a half-written checkpoint."""
+def write_atomically(path, write):
+    """write(file) into a temporary file next to `path`, then a rename: a Ctrl-C or a crash never leaves a
+    half-written file (checkpoints, pictures)."""
     import os
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+            write(f)
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def save_atomically(state, path):
+    """torch.save to a temporary file next to `path` (synced to disk), then rename: never a half-written checkpoint."""
+    import os
+
+    def write(f):
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+    write_atomically(path, write)
 
 
 def convert_checkpoint(source, out):

@@ -64,7 +64,7 @@ from tqdm import tqdm
 import common
 import runtime
 from common import UserError
-from checkpoints import load_checkpoint, read_checkpoint
+from checkpoints import load_checkpoint, read_checkpoint, write_atomically
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fewshot-gan-adaptation")
 
@@ -441,22 +441,6 @@ def interpolation_frames(source, adapted, keyframes, steps, truncation, w_avg, n
         right = generate(adapted, z, steps, truncation, w_avg, noise)
         frames.extend(torch.cat([left, right], 3).unbind(0))
     return frames
-
-
-def write_atomically(path, write):
-    """write(file) into a temporary file next to `path`, then a rename: a Ctrl-C or a crash never leaves a
-    half-written picture."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{os.path.basename(path)}.partial")
-    try:
-        with open(partial, "wb") as f:
-            write(f)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
 
 
 def write_png(path, image):

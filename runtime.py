@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import CheckpointError, extra_config, save_atomically
+from checkpoints import CheckpointError, extra_config, save_atomically, write_atomically
 from common import UserError
 
 # the built-in demo (demo/): a toy-face StyleGAN2 and ten pencil sketches of toy faces, used when a method
@@ -721,13 +721,12 @@ def image_grid(images, nrow):
 
 
 def save_png(path, grid):
-    """Writes the PNG (rank 0 only under torchrun)."""
+    """Writes the PNG atomically (rank 0 only under torchrun)."""
     from PIL import Image
 
     if not is_main():
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    write_atomically(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
 
 def save_comparison_grid(path, source_images, adapted_images, nrow=None):

@@ -9,7 +9,7 @@ Jobs, in this order (results under ROOT, written by rank 0):
   - CDC's distance-consistency loss of 4 rows gathered from 2 per process, and the gradient each process's rows get;
   - cdc.py and c3.py, 4 iterations from SOURCE to TARGET, in float64 (see test_ddp.py);
   - cdc.py stopped by a Ctrl-C that reaches rank 1 only, during iteration 0, then resumed to 4 iterations;
-and every file a process writes through save_atomically or PIL (ROOT/writes_<rank>.txt).
+and every file a process writes through save_atomically or write_atomically (ROOT/writes_<rank>.txt).
 """
 
 import json
@@ -55,10 +55,8 @@ def squeezenet_lpips(load_lpips):
 
 
 def record_writes(path):
-    """Append every checkpoint and PNG this process writes to `path`."""
-    import PIL.Image
-
-    save_atomically, image_save = runtime.save_atomically, PIL.Image.Image.save
+    """Append every checkpoint and PNG this process writes to `path` (runtime writes both through these two)."""
+    save_atomically, write_atomically = runtime.save_atomically, runtime.write_atomically
 
     def log(target):
         with open(path, "a") as f:
@@ -68,12 +66,12 @@ def record_writes(path):
         log(target)
         return save_atomically(state, target)
 
-    def recorded_image_save(image, target, *args, **kwargs):
+    def recorded_write_atomically(target, write):
         log(target)
-        return image_save(image, target, *args, **kwargs)
+        return write_atomically(target, write)
 
     runtime.save_atomically = recorded_save_atomically
-    PIL.Image.Image.save = recorded_image_save
+    runtime.write_atomically = recorded_write_atomically
 
 
 def main(root, source, target):

@@ -154,6 +154,14 @@ def run(source, target, out, baseline, *extra):
     return baselines.main(argv)
 
 
+def straight_and_resumed(source, target, straight_out, resumed_out, baseline, *extra):
+    """The last checkpoints of a 2-iteration run and of a 1-iteration run resumed to 2."""
+    straight = run(source, target, straight_out, baseline, "--iter", "2", *extra)
+    run(source, target, resumed_out, baseline, "--iter", "1", "--save-every", "1", *extra)
+    resumed = baselines.main(["--resume", str(resumed_out / "checkpoints" / "000001.pt"), "--iter", "2"])
+    return torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+
+
 def tensors(path, key):
     return torch.load(path, weights_only=False)[key]  # the source file holds an argparse.Namespace
 
@@ -217,10 +225,7 @@ def test_minegan_miner_gradients_accumulate_as_the_official_code_and_resume_exac
     assert all(g is not None and not g.any() for g in cleared["miner_grads"])  # cleared: only the path step's zeros
     assert not same(summed["miner"], cleared["miner"])
     # the running sums are part of the checkpoint: a resumed run continues them bit for bit
-    straight = run(source, target, root / "mg-a", "minegan", "--iter", "2", *flags)
-    run(source, target, root / "mg-b", "minegan", "--iter", "1", "--save-every", "1", *flags)
-    resumed = baselines.main(["--resume", str(root / "mg-b" / "checkpoints" / "000001.pt"), "--iter", "2"])
-    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    a, b = straight_and_resumed(source, target, root / "mg-a", root / "mg-b", "minegan", *flags)
     for key in ("d", "miner", "input_miner"):
         assert same(a[key], b[key]), key
     assert all(torch.equal(x, y) for x, y in zip(a["miner_grads"], b["miner_grads"]))
@@ -245,10 +250,7 @@ def test_ada_kimg_100_lets_p_reach_0_2_in_5002_iterations_and_r_t_counts_the_r1_
 def test_ada_resume_is_bit_for_bit_and_p_adapts(setup):
     root, source, target = setup
     ada = ["--ada-p", "0.5", "--ada-interval", "1", "--ada-kimg", "0.01"]  # p moves by 0.2 per D step
-    straight = run(source, target, root / "ada", "ada", "--iter", "2", *ada)
-    run(source, target, root / "ada-resumed", "ada", "--iter", "1", "--save-every", "1", *ada)
-    resumed = baselines.main(["--resume", str(root / "ada-resumed" / "checkpoints" / "000001.pt"), "--iter", "2"])
-    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    a, b = straight_and_resumed(source, target, root / "ada", root / "ada-resumed", "ada", *ada)
     for key in ("g", "g_ema", "d"):
         assert same(a[key], b[key]), key
     assert a["ada_p"] == b["ada_p"] and a["ada_p"] != 0.5
@@ -271,12 +273,9 @@ def test_bsa_trains_only_scale_shift_and_latents_and_resumes_bit_for_bit(setup):
     assert raw["bsa_latents"].shape == (5, 16) and set(raw["bsa_optim"]["state"]) == set(range(len(raw["scale_shift"]) + 1))
     assert sorted(p.name for p in (root / "bsa" / "samples").iterdir()) == ["000000.png", "000001.png", "recon_000000.png", "recon_000001.png"]
     # resume, without the perceptual term (no LPIPS to build)
-    straight = run(source, target, root / "bsa-a", "bsa", "--iter", "2", "--bsa-perceptual", "0")
-    run(source, target, root / "bsa-b", "bsa", "--iter", "1", "--save-every", "1", "--bsa-perceptual", "0")
-    resumed = baselines.main(["--resume", str(root / "bsa-b" / "checkpoints" / "000001.pt"), "--iter", "2"])
-    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    a, b = straight_and_resumed(source, target, root / "bsa-a", root / "bsa-b", "bsa", "--bsa-perceptual", "0")
     assert same(a["scale_shift"], b["scale_shift"]) and torch.equal(a["bsa_latents"], b["bsa_latents"])
-    g = baselines.adapted_generator(straight)
+    g = baselines.adapted_generator(root / "bsa-a" / "checkpoints" / "000002.pt")
     assert len(g.conv1.conv._forward_hooks) == 1
 
 
