@@ -585,7 +585,13 @@ def markdown(rows, columns):
     head = "| run | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
     body = ""
     for name, values in rows:
-        body += f"| {name} | " + " | ".join(cell(values.get(column)) for column in columns) + " |\n"
+        cells = []
+        for column in columns:
+            value = values.get(column)
+            if column == "iters" and isinstance(value, tuple) and value[1] == 0:  # every seed ran the same count: once
+                value = (value[0], 0.0, 1)
+            cells.append(cell(value))
+        body += f"| {name} | " + " | ".join(cells) + " |\n"
     return head + body
 
 

@@ -201,6 +201,7 @@ def test_reuse_builds_tables_claims_and_plot_from_score_files_without_run_folder
                   "--n-eval", "10", "--device", "cpu", "--work-dir", str(tmp_path / "runs"), "--scores", args.scores, "--out", str(out)])
     results = (out / "results-paper.md").read_text()
     assert "| cdc | 20 ± 1 (3) | 5 ± 0 (3) |" in results and "| c3 | 20 ± 1.8 (3) |" in results and "mean ± std (n)" in results
+    assert "| 5002 | 0.3 ± 0 (3) |" in results  # an iteration count every seed shares reads once
     claims = (out / "claims.md").read_text()
     assert testbed.VERDICT_RULE in claims
     c3 = next(line for line in claims.splitlines() if "lower FD than CDC at 10 shots" in line)
