@@ -210,6 +210,24 @@ def test_reuse_builds_tables_claims_and_plot_from_score_files_without_run_folder
     assert "comparison-paper.png and the sample grids of c3, cdc not written: no run folder" in capsys.readouterr().err
 
 
+def test_the_committed_claims_are_what_reuse_builds_from_the_committed_score_files(tmp_path, capsys):
+    """demo/results/claims.md and the run rows of results-paper.md come from demo/results/scores alone (the docs' command)."""
+    results_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "results")
+    out = tmp_path / "out"
+    testbed.main(["--reuse", "--schedule", "paper", "--styles", "sketch", "sunglasses", "--shots", "10", "5", "1", "--round-trip",
+                  "--seeds", "1", "2", "3", "--methods", "cdc", "cdc_image", "cdc_patch", "cdc_nodist", "c3", "rssa", "progressive_asc",
+                  "tgan", "ada", "freezed", "ewc", "difa", "nada", "--device", "cpu", "--work-dir", str(tmp_path / "runs"),
+                  "--scores", os.path.join(results_dir, "scores"), "--out", str(out)])
+    with open(os.path.join(results_dir, "claims.md"), encoding="utf-8") as f:
+        assert (out / "claims.md").read_text(encoding="utf-8") == f.read()
+    with open(os.path.join(results_dir, "results-paper.md"), encoding="utf-8") as f:
+        committed = f.read()
+    references = ("| target renders |", "| source (no adaptation) |")  # rendered and scored afresh, not from the files
+    rows = [line for line in (out / "results-paper.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and not line.startswith(references)]
+    assert len(rows) > 20 and all(line in committed.splitlines() for line in rows)
+
+
 def test_line_plot_draws_each_series():
     image = testbed.line_plot({"cdc": [4.0, 5.0, 6.0], "freezed": [3.0, None, 3.5]}, [1, 5, 10], "IC-div vs shots", "IC-div")
     assert image.shape == (360, 560, 3) and image.dtype == np.uint8
