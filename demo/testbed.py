@@ -41,8 +41,9 @@ and NADA, 0 for the text rows), schedule "demo", "paper" or "<N>it" (--iter N); 
 method, style, shots, seed, schedule, --n-eval, the commit of the tree that trained it (recorded in testbed.json
 when the testbed started the run; else "unknown; scored at <HEAD>") and the dates. A finished run folder is
 scored and refreshes its file; without one, --reuse reads the file, so the tables, the claims and the
-IC-div10 plot need no run folder (the comparison figure and sample grids do: skipped, with a note, when a run
-has no folder). --backfill-from results-paper.md writes the score files of a committed one-seed table.
+IC-div10 plot need no run folder. Beside each score file a picture (<same name>.png) holds the run's row of
+the comparison figure, so the figure needs none either; the sample grids do (skipped, with a note).
+--backfill-from results-paper.md writes the score files of a committed one-seed table.
 
 Rows "source (no adaptation)" and "target renders" (another 1000 renders: the floor of FD, the diversity of
 the real distribution) frame the numbers; they need no run. Over several seeds a cell is "mean ± std (n)", the
@@ -321,6 +322,18 @@ def read_scores(run, args):
     return record
 
 
+def pictures_path(run, args):
+    """The score file's picture: the run's row of the comparison figure (its g_ema on the figure's ten latents,
+    side by side with 2-px borders, at the network's resolution), so --reuse draws the figure without the run."""
+    return scores_path(run, args)[:-len(".json")] + ".png"
+
+
+def read_pictures(run, args):
+    """The run's comparison row [h, w, 3] uint8 RGB, or None without a picture file."""
+    path = pictures_path(run, args)
+    return cv2.imread(path)[..., ::-1] if os.path.exists(path) else None
+
+
 def write_scores(run, args, values, commit, trained):
     """Write the run's score file; returns the numbers written. When this scoring left out the round trip
     (no --round-trip, or no return-leg folder) the file keeps the round-trip numbers of the same run
@@ -334,6 +347,11 @@ def write_scores(run, args, values, commit, trained):
     with open(scores_path(run, args), "w") as f:
         json.dump(record, f, indent=1)
     return values
+
+
+def comparison_row(images):
+    """Ten images [10, 3, H, W] in [-1, 1] -> one row of the comparison figure [h, w, 3] uint8 RGB."""
+    return runtime.image_grid(images, len(images)).permute(1, 2, 0).numpy()
 
 
 def backfill(path, args):
@@ -533,13 +551,17 @@ def round_trip_score(net, source_images, round_trip_images):
     }
 
 
+def figure_label(name, shots, args):
+    """A method's row label in the comparison figure: its name, with its shots where it has not the most."""
+    return name if shots == max(args.shots) or name in ONE_SHOT + ZERO_SHOT else f"{name}, {shots} shot{'s' if shots > 1 else ''}"
+
+
 def labelled_rows(rows, scale=3):
-    """One PNG: a text label, then the row's images side by side, upscaled (nearest) for viewing."""
+    """One PNG: a text label, then the row (comparison_row), upscaled (nearest) for viewing."""
     strips = []
     width = max(190, max(cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)[0][0] for label, _ in rows) + 16)
-    for label, images in rows:
-        grid = runtime.image_grid(images, len(images)).permute(1, 2, 0).numpy()  # [h, w, 3] uint8
-        grid = cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    for label, row in rows:
+        grid = cv2.resize(row, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)  # [h, w, 3] uint8
         margin = np.full((grid.shape[0], width, 3), 255, np.uint8)
         cv2.putText(margin, label, (8, grid.shape[0] // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
         strips.append(np.concatenate([margin, grid], 1))
@@ -671,7 +693,8 @@ def main(argv=None):
         reference_seeds = range(toyfaces.EVAL_SEED_START + args.n_eval, toyfaces.EVAL_SEED_START + 2 * args.n_eval)
         frame = [("target renders", score(net, toyfaces.render_batch(reference_seeds, style, source.size), None, target_feats, train_feats, style_index, train_feats)),
                  ("source (no adaptation)", score(net, source_images, source_geometry, target_feats, train_feats, style_index, train_feats))]
-        figure, pictured, unpictured = [("source", source_images[:10])], set(), set()  # each method once, from its run with the most shots
+        figure, pictured, unpictured = [("source", comparison_row(source_images[:10]))], set(), set()  # each method once, from its run with the most shots
+        grids_missing = set()  # sample grids need the run folder
         for shots in sorted(set(args.shots) | ({ROUND_TRIP_SHOTS} if backs else set()), reverse=True):
             rows = [(name, {k: (v, 0.0, 1) for k, v in values.items()}) for name, values in frame]
             not_run = []
@@ -683,9 +706,16 @@ def main(argv=None):
                         continue  # one-shot and zero-shot runs: one row, in the table of the fewest --shots
                     error = errors.get(run.folder(args)) or (None if finished(run, args) else "not run yet")
                     record = read_scores(run, args) if error == "not run yet" else None
-                    if record is not None:  # no run folder: its score file
+                    if record is not None:  # no run folder: its score file and its picture
                         per_seed.append(record["scores"])
-                        unpictured.add(name)
+                        grids_missing.add(name)
+                        if seed == args.seeds[0] and name not in pictured:
+                            row = read_pictures(run, args)
+                            if row is None:
+                                unpictured.add(name)
+                            else:
+                                pictured.add(name)
+                                figure.append((figure_label(name, shots, args), row))
                         continue
                     if error is not None:
                         continue
@@ -705,9 +735,11 @@ def main(argv=None):
                         scored_at = scored_at or git_commit()
                     trained = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(os.path.join(folder.root, "testbed.json"))))
                     per_seed.append(write_scores(run, args, values, commit[0] if commit else f"unknown; scored at {scored_at}", trained))
+                    row = comparison_row(adapted_images[:10])
+                    cv2.imwrite(pictures_path(run, args), row[..., ::-1], png)
                     if seed == args.seeds[0] and name not in pictured:
                         pictured.add(name)
-                        figure.append((name if shots == max(args.shots) or name in ONE_SHOT + ZERO_SHOT else f"{name}, {shots} shots", adapted_images[:10]))
+                        figure.append((figure_label(name, shots, args), row))
                         if style == args.styles[0]:
                             cv2.imwrite(os.path.join(args.out, f"samples_{name}{tag}.png"), last_sample_grid(folder), png)
                 if per_seed:
@@ -727,10 +759,12 @@ def main(argv=None):
             text += table
             print(table, flush=True)
         name = "comparison" + ("" if style == "sketch" else f"_{style}") + tag + ".png"
-        unpictured -= pictured
-        if unpictured:  # a figure without some rows would pass for the whole comparison
-            print(f"testbed: {name} and the sample grids of {', '.join(sorted(unpictured))} not written: no run folder, "
+        if grids_missing:
+            print(f"testbed: the sample grids of {', '.join(sorted(grids_missing))} not written: no run folder, "
                   f"their numbers come from {args.scores}", file=sys.stderr)
+        if unpictured:  # a figure without some rows would pass for the whole comparison
+            print(f"testbed: {name} not written: no run folder and no picture in {args.scores} for "
+                  f"{', '.join(sorted(unpictured))} (seed {args.seeds[0]})", file=sys.stderr)
         else:
             cv2.imwrite(os.path.join(args.out, name), labelled_rows(figure)[..., ::-1], png)
         if len(args.shots) > 1:

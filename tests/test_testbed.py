@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -207,11 +208,25 @@ def test_reuse_builds_tables_claims_and_plot_from_score_files_without_run_folder
     c3 = next(line for line in claims.splitlines() if "lower FD than CDC at 10 shots" in line)
     assert "**within noise**: FD c3 20 ± 1.8 (3); cdc 20 ± 1 (3) (within noise of cdc)" in c3
     assert (out / "icdiv_vs_shots-paper.png").exists() and not (out / "comparison-paper.png").exists()
-    assert "comparison-paper.png and the sample grids of c3, cdc not written: no run folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the sample grids of c3, cdc not written: no run folder" in err
+    assert "comparison-paper.png not written: no run folder and no picture" in err and "for c3, cdc (seed 1)" in err
+    # each run's picture beside its score file: the figure needs no run folder either (seed 1's rows, most shots)
+    for name, colour in (("cdc", 40), ("c3", 200)):
+        row = np.full((36, 342, 3), colour, np.uint8)  # ten 32-px images with 2-px borders, as comparison_row makes them
+        assert cv2.imwrite(testbed.pictures_path(testbed.Run(name, "sketch", 10, 1), args), row)
+        assert (testbed.read_pictures(testbed.Run(name, "sketch", 10, 1), args) == colour).all()
+    testbed.main(["--reuse", "--schedule", "paper", "--methods", "cdc", "c3", "--shots", "10", "5", "--seeds", "1", "2", "3",
+                  "--n-eval", "10", "--device", "cpu", "--work-dir", str(tmp_path / "runs"), "--scores", args.scores, "--out", str(out)])
+    figure = cv2.imread(str(out / "comparison-paper.png"))
+    assert figure.shape[0] == 3 * 3 * 36  # source, cdc, c3, upscaled three times
+    assert (figure[108:216, -1026:] == 40).all() and (figure[216:, -1026:] == 200).all()
+    assert "not written: no run folder and no picture" not in capsys.readouterr().err
 
 
 def test_the_committed_claims_are_what_reuse_builds_from_the_committed_score_files(tmp_path, capsys):
-    """demo/results/claims.md and the run rows of results-paper.md come from demo/results/scores alone (the docs' command)."""
+    """demo/results/claims.md, the run rows of results-paper.md and the comparison figure come from demo/results/scores
+    alone (the docs' command)."""
     results_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "results")
     out = tmp_path / "out"
     testbed.main(["--reuse", "--schedule", "paper", "--styles", "sketch", "sunglasses", "--shots", "10", "5", "1", "--round-trip",
@@ -226,6 +241,9 @@ def test_the_committed_claims_are_what_reuse_builds_from_the_committed_score_fil
     rows = [line for line in (out / "results-paper.md").read_text(encoding="utf-8").splitlines()
             if line.startswith("| ") and not line.startswith(references)]
     assert len(rows) > 20 and all(line in committed.splitlines() for line in rows)
+    # the comparison figure from the runs' pictures: every method's row as committed (the source row is drawn afresh)
+    built, kept = (cv2.imread(str(path)) for path in (out / "comparison-paper.png", os.path.join(results_dir, "comparison-paper.png")))
+    assert built.shape == kept.shape == (14 * 108, 1244, 3) and (built[108:] == kept[108:]).all()
 
 
 def test_line_plot_draws_each_series():
