@@ -246,6 +246,27 @@ def test_the_committed_claims_are_what_reuse_builds_from_the_committed_score_fil
     assert built.shape == kept.shape == (14 * 108, 1244, 3) and (built[108:] == kept[108:]).all()
 
 
+def test_the_readme_and_the_docs_carry_the_committed_claims():
+    """Their copies of demo/results/claims.md: the same rows (the README's without the paper's evidence; a style
+    that ran nothing reads "not run" there)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def table(path, header):  # the table under the first line that starts with `header`, as lists of cells
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(header))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        return [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines[start:end]]
+
+    claims = table("demo/results/claims.md", "| paper | claim | the paper's evidence")
+    assert len(claims) >= 11 and table("docs/demo-and-testbed.md", "| paper | claim | the paper's evidence") == claims
+    readme = table("README.md", "| paper | claim | testbed, sketch")
+    assert len(readme) == len(claims)
+    for ours, theirs in zip(readme[2:], claims[2:]):
+        paper, claim, _, *styles = theirs
+        assert ours == [paper, claim, *("not run" if c.startswith("not testable here yet: not run:") else c for c in styles)]
+
+
 def test_line_plot_draws_each_series():
     image = testbed.line_plot({"cdc": [4.0, 5.0, 6.0], "freezed": [3.0, None, 3.5]}, [1, 5, 10], "IC-div vs shots", "IC-div")
     assert image.shape == (360, 560, 3) and image.dtype == np.uint8
