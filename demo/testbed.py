@@ -708,8 +708,8 @@ def main(argv=None):
                     record = read_scores(run, args) if error == "not run yet" else None
                     if record is not None:  # no run folder: its score file and its picture
                         per_seed.append(record["scores"])
-                        grids_missing.add(name)
                         if seed == args.seeds[0] and name not in pictured:
+                            grids_missing.add(name)
                             row = read_pictures(run, args)
                             if row is None:
                                 unpictured.add(name)
